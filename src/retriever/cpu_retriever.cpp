@@ -15,8 +15,6 @@ namespace {
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 constexpr int64_t kTile = 256;  // chunks per work item: keys [256, 128] + logits [256, H] stay in L2
 
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
 class CpuRetriever final : public Retriever {
  public:
   CpuRetriever(std::shared_ptr<const RetrieverWeights> weights, RetrieverOptions options)

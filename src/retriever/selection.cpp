@@ -51,3 +51,23 @@ Selection select_chunks(std::span<const float> scores, int64_t batch, int64_t ch
 }
 
 }  // namespace flashmem
+
+namespace flashmem {
+
+float sigmoid(float logit) { return 1.0f / (1.0f + std::exp(-logit)); }
+
+std::vector<float> ensemble_from_logits(const std::vector<std::vector<float>>& layer_logits, Ensemble ensemble) {
+  if (layer_logits.empty()) fail("ensemble: no layers");
+  std::vector<float> out(layer_logits[0].size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    float acc = sigmoid(layer_logits[0][i]);
+    for (size_t l = 1; l < layer_logits.size(); ++l) {
+      const float s = sigmoid(layer_logits[l][i]);
+      acc = ensemble == Ensemble::Max ? std::max(acc, s) : acc + s;
+    }
+    out[i] = ensemble == Ensemble::Max ? acc : acc / static_cast<float>(layer_logits.size());
+  }
+  return out;
+}
+
+}  // namespace flashmem

@@ -32,3 +32,13 @@ struct Selection {
 Selection select_chunks(std::span<const float> scores, int64_t batch, int64_t chunks, const SelectRule& rule);
 
 }  // namespace flashmem
+
+namespace flashmem {
+
+// sigmoid(logit), in float32 as the reference.
+float sigmoid(float logit);
+
+// Ensembled sigmoid scores [B*N] from per-layer logits (each [B*N]), layers in order.
+std::vector<float> ensemble_from_logits(const std::vector<std::vector<float>>& layer_logits, Ensemble ensemble);
+
+}  // namespace flashmem
