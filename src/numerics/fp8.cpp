@@ -29,7 +29,7 @@ uint8_t fp8_e4m3fn_encode(float value) {
   std::memcpy(&bits, &value, 4);
   const uint32_t sign = bits & 0x80000000u;
   uint32_t magnitude = bits ^ sign;
-  constexpr uint32_t kFirstOverflow = 1087u << 20;  // 480.0f: halfway between 448 and the next step
+  constexpr uint32_t kFirstOverflow = 1087u << 20;  // 480.0f: from here the rounding below would carry into the NaN code anyway
   constexpr uint32_t kSmallestNormal = 121u << 23;  // 2^-6
   constexpr uint32_t kDenormMagic = 141u << 23;     // 2^14: aligns subnormal mantissas for rounding
   uint8_t result;

@@ -15,8 +15,8 @@ const std::array<float, 256>& fp8_e4m3fn_table();
 inline bool fp8_e4m3fn_is_nan(uint8_t byte) { return (byte & 0x7F) == 0x7F; }
 
 // float32 -> e4m3fn, round to nearest even, bit for bit as the reference (PyTorch's cast):
-// magnitudes that round to at most 448 (that is, below 480) saturate nothing and encode
-// normally; magnitudes >= 480, +-inf and NaN encode as NaN (0x7F with the sign bit).
+// no saturation. Magnitudes up to 464 (halfway to the next step, ties to even) round to at
+// most 448; larger magnitudes, +-inf and NaN all encode as NaN (0x7F with the sign bit).
 // We match rather than reject so that keys dumped from the reference re-encode identically;
 // mock-cache builders keep their values far inside the range.
 uint8_t fp8_e4m3fn_encode(float value);
