@@ -36,6 +36,12 @@ struct ToyDecoderShape {
 };
 // Seeded random weights (scaled so activations stay O(1) at any D).
 ToyDecoderWeights synthetic_toy_decoder(uint64_t seed, const ToyDecoderShape& shape);
+// The memory part of synthetic_toy_decoder on its own: [N, D], values pm1 * sqrt(3) (rms 1),
+// from its own streams, so a caller may replace weights.memory with structured memory
+// (then call validate_toy_decoder) without changing any other weight.
+std::vector<float> synthetic_toy_memory(uint64_t seed, int64_t chunks, int64_t hidden);
+// Sizes of every tensor against hidden/heads/vocab/chunks; throws Error naming the tensor.
+void validate_toy_decoder(const ToyDecoderWeights& weights);
 
 // Result of one decode step for B rows.
 struct DecoderStep {
@@ -53,7 +59,9 @@ class Decoder {
   virtual ~Decoder() = default;
   virtual const char* backend() const = 0;
   virtual const ToyDecoderWeights& weights() const = 0;
-  // tokens [B]; keep [B, N] (1 = chunk visible) or empty for dense attention.
+  // tokens [B]; keep [B, N] (1 = chunk visible) or empty for dense attention. The step is a
+  // pure function of (token, keep-row) per row: rows are independent, so sparse rows and
+  // dense-shadow rows can share one call. Memory keys/values are computed at construction.
   virtual DecoderStep step(std::span<const int64_t> tokens, std::span<const uint8_t> keep, bool with_attention) = 0;
 };
 
