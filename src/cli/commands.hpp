@@ -6,5 +6,6 @@ namespace flashmem::cli {
 
 void add_score_command(CLI::App& app);
 void add_make_checkpoint_command(CLI::App& app);
+void add_run_command(CLI::App& app);
 
 }  // namespace flashmem::cli

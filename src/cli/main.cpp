@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   flashmem::cli::add_score_command(app);
   flashmem::cli::add_make_checkpoint_command(app);
+  flashmem::cli::add_run_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
