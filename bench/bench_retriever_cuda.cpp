@@ -1,0 +1,241 @@
+// CUDA retriever benchmark at the released dimensions (D 4096, R 2048, H 128, 3 layers; the
+// seeded synthetic checkpoint of SPEC 8). Inputs resident on the device (keys [B, N, 132],
+// hidden [B, D]); one call = score_device (query side + scoring + key check, which waits for
+// the result) + threshold selection on the device + a stream sync; host wall clock, median.
+// Floor = max(bytes / measured copy bandwidth, FLOPs / measured bf16 tensor rate), bytes =
+// weights (fp32 exact, bf16 fast) + keys + scores + mask, FLOPs = B*N*L*H*128*2 (one term).
+// Anchors: the public PyTorch reference on the same H100 (shared/DEVICE.md).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "src/common/error.hpp"
+#include "src/retriever/cuda_retriever.hpp"
+#include "src/retriever/synthetic.hpp"
+
+using namespace flashmem;
+
+namespace {
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) fail(__FILE__, ":", __LINE__, ": ", #x, ": ", cudaGetErrorString(e_)); \
+  } while (0)
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Device-to-device copy of 1 GiB, bytes read + written per second (best of 5).
+double measure_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  float best = 1e30f;
+  for (int i = 0; i < 6; ++i) {
+    CK(cudaEventRecord(e0));
+    CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i) best = std::min(best, ms);
+  }
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * bytes / (best * 1e-3);
+}
+
+// cuBLAS bf16 GEMM 8192^3 with f32 accumulation, FLOP/s (best of 5).
+double measure_bf16_rate() {
+  const int n = 8192;
+  void *a, *b, *c;
+  CK(cudaMalloc(&a, size_t{2} * n * n));
+  CK(cudaMalloc(&b, size_t{2} * n * n));
+  CK(cudaMalloc(&c, size_t{4} * n * n));
+  CK(cudaMemset(a, 0x3c, size_t{2} * n * n));  // not zeros: bf16 0x3c3c ~ 0.0115
+  CK(cudaMemset(b, 0x3c, size_t{2} * n * n));
+  cublasHandle_t h;
+  cublasCreate(&h);
+  const float one = 1, zero = 0;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  float best = 1e30f;
+  for (int i = 0; i < 6; ++i) {
+    CK(cudaEventRecord(e0));
+    if (cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &zero, c,
+                     CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+      fail("cublasGemmEx failed");
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i) best = std::min(best, ms);
+  }
+  cublasDestroy(h);
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  CK(cudaFree(c));
+  return 2.0 * n * n * static_cast<double>(n) / (best * 1e-3);
+}
+
+struct Anchor {
+  double eager = 0, compiled = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::string why;
+    if (!cuda_device_present(&why)) {
+      std::printf("SKIP: %s\n", why.c_str());
+      return 77;
+    }
+    const int reps = argc > 1 ? std::atoi(argv[1]) : 30;
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    const double bw = measure_bandwidth(), rate = measure_bf16_rate();
+    std::printf("device: %s, %d SMs; measured copy bandwidth %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", prop.name,
+                prop.multiProcessorCount, bw / 1e9, rate / 1e12);
+
+    const std::map<std::pair<int, int64_t>, Anchor> anchors = {
+        {{1, 16384}, {2.877, 0}},  {{1, 65536}, {2.856, 0.739}}, {{1, 262144}, {3.114, 1.481}},
+        {{1, 1048576}, {7.777, 0}}, {{8, 65536}, {4.585, 0}},     {{8, 262144}, {14.611, 8.457}}};
+
+    double t0 = now_ms();
+    auto weights = std::make_shared<const RetrieverWeights>(synthetic_retriever(1));
+    std::printf("synthetic checkpoint (seed 1) in %.0f ms, %.1f MB float32\n", now_ms() - t0,
+                weights->parameter_bytes() / 1e6);
+    const int L = static_cast<int>(weights->layers.size());
+    const int64_t D = weights->hidden, H = weights->heads;
+
+    // Keys: one row of 1M mock chunks, repeated for the 8 rows of the largest case.
+    const int64_t max_n = 1048576, max_b = 8;
+    const std::vector<uint8_t> row = mock_compressed_keys(1, max_n, 42);
+    size_t free0, total0;
+    CK(cudaMemGetInfo(&free0, &total0));
+    uint8_t* d_keys;
+    CK(cudaMalloc(reinterpret_cast<void**>(&d_keys), row.size() * max_b));
+    for (int b = 0; b < max_b; ++b) CK(cudaMemcpy(d_keys + b * row.size(), row.data(), row.size(), cudaMemcpyHostToDevice));
+    std::vector<float> hidden(max_b * D);
+    for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = pm1(77, 0, i) * 1.7f;
+    float* d_hidden;
+    CK(cudaMalloc(reinterpret_cast<void**>(&d_hidden), hidden.size() * 4));
+    CK(cudaMemcpy(d_hidden, hidden.data(), hidden.size() * 4, cudaMemcpyHostToDevice));
+
+    std::printf("\n%-6s %2s %8s %10s %10s %7s %10s %10s %9s\n", "mode", "B", "N", "ours ms", "floor ms", "ratio",
+                "ref eager", "ref comp.", "kept");
+    struct Variant {
+      const char* name;
+      Precision precision;
+      const char* gemv;
+    };
+    for (const Variant& v : {Variant{"exact", Precision::Exact, "1"}, Variant{"fast", Precision::Fast, "1"},
+                             Variant{"exact*", Precision::Exact, "0"}}) {
+      setenv("FLASHMEM_CUDA_GEMV", v.gemv, 1);
+      RetrieverOptions opt;
+      opt.precision = v.precision;
+      opt.max_position = 1048576;
+      size_t free_before, total;
+      CK(cudaMemGetInfo(&free_before, &total));
+      auto base = make_cuda_retriever(weights, opt);
+      auto* r = dynamic_cast<CudaRetriever*>(base.get());
+      const double weight_bytes = weights->parameter_bytes() / (v.precision == Precision::Fast ? 2.0 : 1.0);
+      for (int B : {1, 8})
+        for (int64_t N : {int64_t{16384}, int64_t{65536}, int64_t{262144}, max_n}) {
+          if (v.gemv[0] == '0' && !(B == 1 && N == 262144)) continue;  // the sgemm variant: one point
+          std::vector<int64_t> pos(B);
+          for (int b = 0; b < B; ++b) pos[b] = 4095 + 100000 * b;
+          CudaRetriever::DeviceInputs in{d_hidden, d_keys, B, N, pos};
+          const SelectRule rule = SelectRule::threshold_rule(0.5f);
+          for (int i = 0; i < 3; ++i) {
+            r->score_device(in);
+            r->select_device(rule);
+            r->synchronize();
+          }
+          std::vector<double> times;
+          for (int i = 0; i < reps; ++i) {
+            const double s = now_ms();
+            r->score_device(in);
+            r->select_device(rule);
+            r->synchronize();
+            times.push_back(now_ms() - s);
+          }
+          long long kept = 0;
+          CK(cudaMemcpy(&kept, r->select_device(rule).kept_count, 8, cudaMemcpyDeviceToHost));
+          const double bytes = weight_bytes + B * N * (132.0 + 4.0 + 1.0);
+          const double flops = static_cast<double>(B) * N * L * H * 128 * 2;
+          const double floor = std::max(bytes / bw, flops / rate) * 1e3;
+          const double ours = median(times);
+          const auto a = anchors.find({B, N});
+          char eager[32] = "-", comp[32] = "-";
+          if (a != anchors.end() && a->second.eager > 0) std::snprintf(eager, sizeof eager, "%.3f", a->second.eager);
+          if (a != anchors.end() && a->second.compiled > 0) std::snprintf(comp, sizeof comp, "%.3f", a->second.compiled);
+          std::printf("%-6s %2d %8lld %10.3f %10.3f %7.2f %10s %10s %9.4f\n", v.name, B, static_cast<long long>(N), ours,
+                      floor, ours / floor, eager, comp, static_cast<double>(kept) / N);
+          std::fflush(stdout);
+          if (B == 1 && N == max_n && v.gemv[0] == '1') {
+            size_t free_after;
+            CK(cudaMemGetInfo(&free_after, &total));
+            const double keys = 132.0 * N, budget = weight_bytes + 1.2 * keys + 64.0 * 1024 * 1024;
+            std::printf("  peak memory B=1 N=1M: retriever holds %.1f MB (+ caller's keys %.1f MB) = %.1f MB; "
+                        "cudaMemGetInfo delta incl. cuBLAS/context %.1f MB + keys; budget weights + 1.2 keys + 64 MiB "
+                        "= %.1f MB\n",
+                        r->device_bytes() / 1e6, keys / 1e6, (r->device_bytes() + keys) / 1e6,
+                        (free_before - free_after) / 1e6, budget / 1e6);
+          }
+        }
+      if (v.gemv[0] == '1') {  // the query side alone (N = 1) and top-k at one size
+        std::vector<int64_t> pos = {4095};
+        CudaRetriever::DeviceInputs in{d_hidden, d_keys, 1, 1, pos};
+        std::vector<double> times;
+        for (int i = 0; i < reps + 3; ++i) {
+          const double s = now_ms();
+          r->score_device(in);
+          r->synchronize();
+          if (i >= 3) times.push_back(now_ms() - s);
+        }
+        std::printf("%-6s  1        1 %10.3f   (query side + launch overhead: N = 1)\n", v.name, median(times));
+        in.chunks = 262144;
+        times.clear();
+        for (int i = 0; i < reps + 3; ++i) {
+          const double s = now_ms();
+          r->score_device(in);
+          r->select_device(SelectRule::top_k_rule(512));
+          r->synchronize();
+          if (i >= 3) times.push_back(now_ms() - s);
+        }
+        std::printf("%-6s  1   262144 %10.3f   (top-512 selection instead of threshold)\n", v.name, median(times));
+      }
+    }
+    std::printf("exact* = exact with cuBLAS sgemm instead of sgemv at B = 1\n");
+    CK(cudaFree(d_keys));
+    CK(cudaFree(d_hidden));
+    (void)free0;
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

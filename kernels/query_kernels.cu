@@ -1,0 +1,158 @@
+// Query side of the retriever on the device (SPEC 3), after the cuBLAS projections.
+// CPU reference: src/retriever/query.cpp (compute_queries, finish_head_query).
+// Every float32 step that the CPU rounds separately is written with explicit _rn
+// intrinsics, so nvcc cannot fuse it into an FMA: the bf16 roundings amplify any difference.
+#include <cuda_bf16.h>
+#include <algorithm>
+#include <cuda_fp16.h>
+
+#include "kernels/retriever_kernels.hpp"
+
+namespace flashmem::kernels {
+
+namespace {
+
+constexpr int kRmsThreads = 256;
+
+// Contract: proj [B, P] row-major; layer l's wq_a output is proj[b, l*stride + r], r < R.
+// out [L, B, R]: x * inv_rms * q_norm[l, r] (float or bf16). Grid (L, B), 256 threads.
+// The sum of squares is accumulated in double, as the CPU does (src/numerics/rmsnorm.cpp).
+__global__ void __launch_bounds__(kRmsThreads) rmsnorm_kernel(const float* __restrict__ proj, int64_t P,
+                                                              int64_t stride, const float* __restrict__ q_norm,
+                                                              int B, int R, void* out, bool out_bf16) {
+  const int l = blockIdx.x, b = blockIdx.y;
+  const float* x = proj + b * P + l * stride;
+  double sum = 0.0;
+  for (int r = threadIdx.x; r < R; r += kRmsThreads) sum += static_cast<double>(x[r]) * static_cast<double>(x[r]);
+  __shared__ double partial[kRmsThreads / 32];
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kRmsThreads / 32; ++w) total += partial[w];
+  const float mean = static_cast<float>(total / static_cast<double>(R));
+  const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, 1e-6f)));
+  const float* w = q_norm + static_cast<int64_t>(l) * R;
+  const int64_t o = (static_cast<int64_t>(l) * B + b) * R;
+  for (int r = threadIdx.x; r < R; r += kRmsThreads) {
+    const float v = __fmul_rn(__fmul_rn(x[r], inv), w[r]);
+    if (out_bf16) static_cast<__nv_bfloat16*>(out)[o + r] = __float2bfloat16_rn(v);
+    else static_cast<float*>(out)[o + r] = v;
+  }
+}
+
+__global__ void to_bf16_kernel(const float* __restrict__ in, __nv_bfloat16* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(in[i]);
+}
+
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// Contract: one warp per (head h, layer l, row b); lane holds dims 4*lane .. 4*lane+3.
+// q_raw [L, B, H*128] (wq_b output), proj [B, P] (fused weights at l*stride + R + h),
+// angles [B, 32, 2]. Steps: bf16 round; RoPE on dims 64..127 then bf16 round; Hadamard
+// (butterflies of stride 1..64, (a, b) -> (a+b, a-b)), / sqrt(128); then the fp16 split
+// for the tensor cores (see retriever_kernels.hpp) and w_scaled = fused * head_scale * 2^-e.
+// Grid (H/8, L, B), 256 threads.
+template <int TERMS>
+__global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q_raw, const float* __restrict__ proj,
+                                                     int64_t P, int64_t stride, int64_t R,
+                                                     const float* __restrict__ angles, int L, int B, int H,
+                                                     float head_scale, __half* __restrict__ qfrag,
+                                                     float* __restrict__ w_scaled) {
+  static_assert(TERMS == 1 || TERMS == 2, "one fp16 term (fast) or a hi/lo pair (exact)");
+  const int lane = threadIdx.x % 32, h = blockIdx.x * 8 + threadIdx.x / 32, l = blockIdx.y, b = blockIdx.z;
+  if (h >= H) return;
+  const float4 v4 = *reinterpret_cast<const float4*>(q_raw + ((static_cast<int64_t>(l) * B + b) * H + h) * kHeadDim +
+                                                     4 * lane);
+  float x[4] = {bf16_round(v4.x), bf16_round(v4.y), bf16_round(v4.z), bf16_round(v4.w)};
+  // RoPE on the last 64 dims: pairs (x[2i'], x[2i'+1]) with i = 2*lane - 32 + i'.
+  if (lane >= 16) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int i = 2 * lane - 32 + p;
+      const float c = angles[(b * 32 + i) * 2], s = angles[(b * 32 + i) * 2 + 1];
+      const float re = x[2 * p], im = x[2 * p + 1];
+      x[2 * p] = bf16_round(__fsub_rn(__fmul_rn(re, c), __fmul_rn(im, s)));
+      x[2 * p + 1] = bf16_round(__fadd_rn(__fmul_rn(re, s), __fmul_rn(im, c)));
+    }
+  }
+  // Hadamard: strides 1 and 2 inside the lane, 4..64 across lanes (lane xor stride/4).
+  {
+    const float a0 = __fadd_rn(x[0], x[1]), a1 = __fsub_rn(x[0], x[1]);
+    const float a2 = __fadd_rn(x[2], x[3]), a3 = __fsub_rn(x[2], x[3]);
+    x[0] = __fadd_rn(a0, a2); x[2] = __fsub_rn(a0, a2);
+    x[1] = __fadd_rn(a1, a3); x[3] = __fsub_rn(a1, a3);
+  }
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) {
+    const bool upper = lane & m;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float other = __shfl_xor_sync(0xffffffffu, x[j], m);
+      x[j] = upper ? __fsub_rn(other, x[j]) : __fadd_rn(x[j], other);
+    }
+  }
+  const float norm = __fsqrt_rn(128.0f);
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    x[j] = __fdiv_rn(x[j], norm);
+    amax = fmaxf(amax, fabsf(x[j]));
+  }
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  // Power-of-two head scale: max |q * 2^e| in [2^14, 2^15), inside fp16's range.
+  int e = 0;
+  if (amax > 0.0f) {
+    int ex;
+    frexpf(amax, &ex);
+    e = min(15 - ex, 100);
+  }
+  const int hg = h / 8, g = h % 8, tq = lane / 8, kk = lane % 8;
+  const int Hp = (H + 7) / 8 * 8;
+  __half* dst = qfrag + (static_cast<int64_t>(b) * L + l) * (static_cast<int64_t>(Hp) * kHeadDim * TERMS) +
+                (static_cast<int64_t>((hg * 8 + kk) * 32 + g * 4 + tq)) * TERMS * 4;
+  __half hi[4], lo[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float s = ldexpf(x[j], e);
+    hi[j] = __float2half_rn(s);
+    lo[j] = __float2half_rn(s - __half2float(hi[j]));
+  }
+  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(hi);
+  if (TERMS == 2) *reinterpret_cast<uint2*>(dst + 4) = *reinterpret_cast<const uint2*>(lo);
+  if (lane == 0) {
+    const float fused = __fmul_rn(proj[b * P + l * stride + R + h], head_scale);
+    w_scaled[(static_cast<int64_t>(b) * L + l) * Hp + h] = ldexpf(fused, -e);
+  }
+}
+
+}  // namespace
+
+cudaError_t rmsnorm_rows(const float* proj, int64_t P, int64_t stride, const float* q_norm, int L, int B, int R,
+                         void* out, bool out_bf16, cudaStream_t stream) {
+  rmsnorm_kernel<<<dim3(L, B), kRmsThreads, 0, stream>>>(proj, P, stride, q_norm, B, R, out, out_bf16);
+  return cudaGetLastError();
+}
+
+cudaError_t to_bf16(const float* in, void* out, int64_t n, cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 4096);
+  to_bf16_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(in, static_cast<__nv_bfloat16*>(out), n);
+  return cudaGetLastError();
+}
+
+cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int64_t stride, int64_t R,
+                           const float* angles, int L, int B, int H, float head_scale, int terms, void* qfrag,
+                           float* w_scaled, cudaStream_t stream) {
+  const dim3 grid((H + 7) / 8, L, B);
+  if (terms == 2)
+    finish_kernel<2><<<grid, 256, 0, stream>>>(q_raw, proj, P, stride, R, angles, L, B, H, head_scale,
+                                               static_cast<__half*>(qfrag), w_scaled);
+  else
+    finish_kernel<1><<<grid, 256, 0, stream>>>(q_raw, proj, P, stride, R, angles, L, B, H, head_scale,
+                                               static_cast<__half*>(qfrag), w_scaled);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmem::kernels

@@ -1,0 +1,75 @@
+// CUDA kernels of the retriever (SPEC 3-4): raw device pointers and a stream in, a
+// cudaError_t out (the launch's error; the caller checks it). No framework types here.
+// The CPU references are src/retriever/query.cpp (query side), the CPU backend's
+// score_tiles (scoring) and src/retriever/selection.cpp (selection).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace flashmem::kernels {
+
+constexpr int kHeadDim = 128;
+constexpr int kChunkBytes = 132;       // 128 fp8 e4m3fn + float32 scale
+constexpr int kScoreTileChunks = 256;  // chunks per block iteration (8 warps x 32)
+
+// Heads are padded to a multiple of 8 (one mma N-tile): padded heads have q = 0, w = 0.
+inline int padded_heads(int H) { return (H + 7) / 8 * 8; }
+
+// Query fragments: per row b and layer l, the Hadamard-rotated query scaled per head by a
+// power of two 2^e_h (so the largest |value| of the head lies in [2^14, 2^15)) and split into
+// `terms` fp16 parts (hi = fp16(q'), lo = fp16(q' - hi)), stored in the mma.sync B-fragment
+// order [hg = Hp/8][kk 8][lane 32][terms][4 halves] (see score_kernel.cu). The head weight
+// fused_w[h] * 2^-e_h is stored beside it in w_scaled [B, L, Hp]. Padded slots must be zero
+// (the caller zeroes both buffers when H % 8 != 0).
+inline int64_t query_fragment_halves(int H, int terms) { return static_cast<int64_t>(padded_heads(H)) * 128 * terms; }
+
+// RMSNorm of the first projection's q part (SPEC 3.2). proj [B, P] row-major with layer l's
+// wq_a output at columns l*stride .. l*stride+R; out: [L, B, R] (float or bf16 when out_bf16).
+cudaError_t rmsnorm_rows(const float* proj, int64_t P, int64_t stride, const float* q_norm /*[L,R]*/, int L, int B,
+                         int R, void* out, bool out_bf16, cudaStream_t stream);
+
+// float32 -> bf16 (round to nearest even), n values.
+cudaError_t to_bf16(const float* in, void* out_bf16, int64_t n, cudaStream_t stream);
+
+// Steps 3.4-3.7 on the second projection: q_raw [L, B, H*128], fused_raw = proj columns
+// l*stride + R .. + H of proj [B, P]; angles [B, 32, 2] (cos, sin at the clamped positions,
+// computed on the host by the CPU's rope_at so both backends use identical values).
+// Writes qfrag [B, L, fragment] and w_scaled [B, L, H].
+cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int64_t stride, int64_t R,
+                           const float* angles, int L, int B, int H, float head_scale, int terms, void* qfrag,
+                           float* w_scaled, cudaStream_t stream);
+
+// Scoring (SPEC 4): keys [B, N, 132] device, 4-byte aligned. Layers [layer0, layer0+count) of
+// qfrag/w_scaled. Per chunk: logit_l = sum_h relu(q_lh . k) * w_lh, score = ensemble of
+// sigmoid(logit_l) over layers (max, or sum to be divided by total_layers on the last pass).
+// first_pass: overwrite scores; else combine with what an earlier pass wrote.
+// layer_logits (optional, [L_total, B, N]) receives the logits of these layers.
+// bad_chunk: atomicMin of the flat index b*N+n of any chunk with an fp8 NaN byte or a
+// non-finite scale (initialise to UINT64_MAX).
+struct ScoreParams {
+  const uint8_t* keys;
+  const void* qfrag;
+  const float* w_scaled;
+  int64_t batch, chunks;
+  int total_layers, layer0, layer_count, terms, heads;  // heads: H (padded inside)
+  bool ensemble_mean, first_pass, last_pass;
+  float* scores;
+  float* layer_logits;
+  unsigned long long* bad_chunk;
+};
+int score_max_layers_per_pass(int H, int terms);  // 0: H too large for shared memory
+cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream);
+
+// Threshold selection: keep[i] = scores[i] > t; count[b] = kept in row b (int64, zeroed here).
+cudaError_t select_threshold(const float* scores, int64_t B, int64_t N, float t, uint8_t* keep, long long* count,
+                             cudaStream_t stream);
+
+// Top-k: bytes of scratch needed for rows of N chunks.
+size_t topk_scratch_bytes(int64_t N);
+// keep [B, N] (zeroed here), top [B, k] int64 indices (highest first, ties: lower index),
+// count[b] = min(k, N).
+cudaError_t select_topk(const float* scores, int64_t B, int64_t N, int64_t k, void* scratch, size_t scratch_bytes,
+                        uint8_t* keep, int64_t* top, long long* count, cudaStream_t stream);
+
+}  // namespace flashmem::kernels

@@ -1,0 +1,449 @@
+// The CUDA backend of Retriever: cuBLAS projections (all layers' wq_a and weights_proj in
+// one GEMM, wq_b batched over layers), then the kernels of kernels/ (query finish, scoring,
+// selection). Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS (file:line).
+#include "src/retriever/cuda_retriever.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels/retriever_kernels.hpp"
+#include "src/common/error.hpp"
+#include "src/numerics/bf16.hpp"
+#include "src/numerics/fp8.hpp"
+#include "src/numerics/rope.hpp"
+
+namespace flashmem {
+
+namespace {
+
+void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
+  if (err != cudaSuccess)
+    fail(file, ":", line, ": CUDA call failed: ", what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+}
+
+const char* cublas_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "cuBLAS error";
+  }
+}
+
+void check_cublas(cublasStatus_t s, const char* what, const char* file, int line) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail(file, ":", line, ": cuBLAS call failed: ", what, ": ", cublas_name(s), " (", static_cast<int>(s), ")");
+}
+
+#define FM_CUDA(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
+#define FM_CUBLAS(expr) check_cublas((expr), #expr, __FILE__, __LINE__)
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+// A grow-only device buffer: reallocated only when a call needs more than it holds.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  // Ensures at least `bytes`; `what` names the buffer in the out-of-memory error.
+  void* reserve(size_t bytes, const char* what, size_t* total) {
+    if (bytes <= size_) return ptr_;
+    if (ptr_) {
+      FM_CUDA(cudaFree(ptr_));
+      *total -= size_;
+      ptr_ = nullptr;
+      size_ = 0;
+    }
+    size_t free_bytes = 0, total_bytes = 0;
+    FM_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+    if (bytes > free_bytes)
+      fail("cuda retriever: ", what, " needs ", bytes, " bytes (", bytes / kMiB, " MiB) of device memory but only ",
+           free_bytes / kMiB, " MiB are free");
+    const cudaError_t err = cudaMalloc(&ptr_, bytes);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free allocation error
+      ptr_ = nullptr;
+      fail("cuda retriever: ", what, " needs ", bytes, " bytes (", bytes / kMiB, " MiB) of device memory: cudaMalloc failed (",
+           cudaGetErrorString(err), ")");
+    }
+    size_ = bytes;
+    *total += bytes;
+    return ptr_;
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr_); }
+  size_t size() const { return size_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Pinned host staging (small per-call inputs and outputs).
+class PinnedBuffer {
+ public:
+  ~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+  }
+  void* reserve(size_t bytes) {
+    if (bytes <= size_) return ptr_;
+    if (ptr_) FM_CUDA(cudaFreeHost(ptr_));
+    ptr_ = nullptr;
+    FM_CUDA(cudaMallocHost(&ptr_, bytes));
+    size_ = bytes;
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// The CPU backend's message for a bad chunk (validate_compressed_keys), for one chunk.
+[[noreturn]] void fail_bad_chunk(const uint8_t* chunk, int64_t b, int64_t n) {
+  float scale;
+  std::memcpy(&scale, chunk + kKeyDim, 4);
+  if (!std::isfinite(scale))
+    fail("compressed_k: scale of batch row ", b, " chunk ", n, " is ", scale, ", expected a finite float32");
+  for (int d = 0; d < kKeyDim; ++d)
+    if (fp8_e4m3fn_is_nan(chunk[d]))
+      fail("compressed_k: batch row ", b, " chunk ", n, " value ", d, " is an fp8 NaN byte (0x", std::hex,
+           static_cast<int>(chunk[d]), std::dec, "), expected a finite e4m3fn value");
+  fail("compressed_k: batch row ", b, " chunk ", n, " is invalid");
+}
+
+class CudaRetrieverImpl final : public CudaRetriever {
+ public:
+  CudaRetrieverImpl(std::shared_ptr<const RetrieverWeights> weights, RetrieverOptions options)
+      : CudaRetriever(std::move(weights), options) {
+    const RetrieverWeights& w = *weights_;
+    L_ = static_cast<int>(w.layers.size());
+    D_ = w.hidden;
+    R_ = w.rank;
+    H_ = w.heads;
+    stride_ = R_ + H_;
+    P_ = L_ * stride_;
+    terms_ = options_.precision == Precision::Exact ? 2 : 1;
+    fast_ = options_.precision == Precision::Fast;
+    max_layers_per_pass_ = kernels::score_max_layers_per_pass(static_cast<int>(H_), terms_);
+    if (max_layers_per_pass_ == 0) fail("cuda retriever: H = ", H_, " heads do not fit the scoring kernel's shared memory");
+    if (const char* v = std::getenv("FLASHMEM_CUDA_GEMV")) use_gemv_ = std::string(v) != "0";
+
+    int device = 0;
+    FM_CUDA(cudaGetDevice(&device));
+    FM_CUDA(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
+    FM_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    FM_CUBLAS(cublasCreate(&blas_));
+    FM_CUBLAS(cublasSetStream(blas_, stream_));
+    FM_CUBLAS(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));  // no TF32: float32 products as on the CPU
+    FM_CUBLAS(cublasSetWorkspace(blas_, workspace_.reserve(kWorkspaceBytes, "the cuBLAS workspace", &bytes_), kWorkspaceBytes));
+    upload_weights();
+  }
+
+  ~CudaRetrieverImpl() override {
+    if (stream_) cudaStreamSynchronize(stream_);
+    if (blas_) cublasDestroy(blas_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  const char* backend() const override { return "cuda"; }
+
+  Scores score(const ScoreInputs& in, bool with_layer_logits) override {
+    validate_inputs(in);
+    const float* d_scores = score_host(in, with_layer_logits);
+    return download_scores(d_scores, in.keys.batch, in.keys.chunks, with_layer_logits);
+  }
+
+  Selection retrieve(const ScoreInputs& in, const SelectRule& rule, Scores* scores_out) override {
+    rule.validate();
+    validate_inputs(in);
+    const float* d_scores = score_host(in, false);
+    const DeviceSelection sel = select_device(rule);
+    const int64_t B = in.keys.batch, N = in.keys.chunks;
+    Selection out{B, N, std::vector<uint8_t>(B * N), std::vector<int64_t>(B), {}};
+    FM_CUDA(cudaMemcpyAsync(out.keep.data(), sel.keep, B * N, cudaMemcpyDeviceToHost, stream_));
+    if (rule.kind == SelectRule::Kind::TopK) {
+      const int64_t k = std::min(rule.top_k, N);
+      out.top_indices.resize(B * k);
+      FM_CUDA(cudaMemcpyAsync(out.top_indices.data(), sel.top_indices, B * k * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
+    }
+    static_assert(sizeof(long long) == sizeof(int64_t));
+    FM_CUDA(cudaMemcpyAsync(out.kept_count.data(), sel.kept_count, B * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
+    if (scores_out) *scores_out = download_scores(d_scores, B, N, false);
+    FM_CUDA(cudaStreamSynchronize(stream_));
+    return out;
+  }
+
+  std::vector<float> layer_logits(size_t layer, const ScoreInputs& in) override {
+    validate_inputs(in);
+    if (layer >= weights_->layers.size()) fail("layer: ", layer, " is out of range (", weights_->layers.size(), " layers)");
+    const int64_t B = in.keys.batch, N = in.keys.chunks;
+    upload_host_inputs(in);
+    run(d_hidden_.as<float>(), d_keys_.as<uint8_t>(), B, N, in.positions, true, static_cast<int>(layer), 1);
+    check_bad_keys(&in.keys, nullptr, B, N);
+    std::vector<float> out(B * N);
+    FM_CUDA(cudaMemcpyAsync(out.data(), d_logits_.as<float>() + layer * B * N, B * N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    FM_CUDA(cudaStreamSynchronize(stream_));
+    return out;
+  }
+
+  const float* score_device(const DeviceInputs& in, bool with_layer_logits, bool check_keys) override {
+    validate_device_inputs(in);
+    run(in.hidden, in.keys, in.batch, in.chunks, in.positions, with_layer_logits, 0, L_);
+    if (check_keys) check_bad_keys(nullptr, in.keys, in.batch, in.chunks);
+    return d_scores_.as<float>();
+  }
+
+  const float* layer_logits_device() const override { return d_logits_.as<float>(); }
+
+  DeviceSelection select_device(const SelectRule& rule) override {
+    rule.validate();
+    const int64_t B = last_B_, N = last_N_;
+    if (B == 0) fail("select_device: no scores yet (call score_device first)");
+    if (N > INT32_MAX) fail("selection: N = ", N, " chunks is more than the device selection supports (2^31 - 1)");
+    DeviceSelection sel;
+    uint8_t* keep = static_cast<uint8_t*>(d_keep_.reserve(B * N, "the keep mask [B, N]", &bytes_));
+    long long* count = static_cast<long long*>(d_count_.reserve(B * sizeof(long long), "the kept counts", &bytes_));
+    sel.keep = keep;
+    sel.kept_count = count;
+    if (rule.kind == SelectRule::Kind::Threshold) {
+      FM_CUDA(kernels::select_threshold(d_scores_.as<float>(), B, N, rule.threshold, keep, count, stream_));
+    } else {
+      const int64_t k = std::min(rule.top_k, N);
+      int64_t* top = static_cast<int64_t*>(d_top_.reserve(B * k * sizeof(int64_t), "the top-k indices", &bytes_));
+      const size_t scratch = kernels::topk_scratch_bytes(N);
+      void* s = d_topk_scratch_.reserve(scratch, "the top-k sort scratch", &bytes_);
+      FM_CUDA(kernels::select_topk(d_scores_.as<float>(), B, N, k, s, scratch, keep, top, count, stream_));
+      sel.top_indices = top;
+    }
+    return sel;
+  }
+
+  void synchronize() override { FM_CUDA(cudaStreamSynchronize(stream_)); }
+  size_t device_bytes() const override { return bytes_; }
+
+ private:
+  static constexpr size_t kWorkspaceBytes = size_t{8} << 20;
+
+  void upload_weights() {
+    const RetrieverWeights& w = *weights_;
+    const size_t a_elems = static_cast<size_t>(P_) * D_, b_elems = static_cast<size_t>(L_) * H_ * kKeyDim * R_;
+    const size_t elem = fast_ ? 2 : 4;
+    uint8_t* wa = static_cast<uint8_t*>(d_wa_.reserve(a_elems * elem, "the wq_a + weights_proj weights", &bytes_));
+    uint8_t* wb = static_cast<uint8_t*>(d_wb_.reserve(b_elems * elem, "the wq_b weights", &bytes_));
+    float* qn = static_cast<float*>(d_qnorm_.reserve(static_cast<size_t>(L_) * R_ * 4, "the q_norm weights", &bytes_));
+    auto put = [&](uint8_t* dst, const std::vector<float>& src) {
+      if (!fast_) {
+        FM_CUDA(cudaMemcpy(dst, src.data(), src.size() * 4, cudaMemcpyHostToDevice));
+        return;
+      }
+      std::vector<uint16_t> bits(src.size());
+      for (size_t i = 0; i < src.size(); ++i) bits[i] = bf16_bits_from_float(src[i]);
+      FM_CUDA(cudaMemcpy(dst, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+    };
+    for (int l = 0; l < L_; ++l) {
+      const RetrieverLayer& layer = w.layers[l];
+      put(wa + static_cast<size_t>(l) * stride_ * D_ * elem, layer.wq_a);
+      put(wa + (static_cast<size_t>(l) * stride_ + R_) * D_ * elem, layer.weights_proj);
+      put(wb + static_cast<size_t>(l) * H_ * kKeyDim * R_ * elem, layer.wq_b);
+      FM_CUDA(cudaMemcpy(qn + static_cast<size_t>(l) * R_, layer.q_norm.data(), R_ * 4, cudaMemcpyHostToDevice));
+    }
+  }
+
+  void validate_device_inputs(const DeviceInputs& in) const {
+    const int64_t B = static_cast<int64_t>(in.positions.size());
+    if (B == 0) fail("positions: batch size B = 0, expected at least one row");
+    if (in.batch != B) fail("compressed_k: batch ", in.batch, " does not match positions (B = ", B, ")");
+    if (in.chunks <= 0) fail("compressed_k: N = ", in.chunks, " chunks, expected at least one");
+    if (!in.hidden || !in.keys) fail("score_device: hidden and compressed_k must be device pointers");
+    if (reinterpret_cast<uintptr_t>(in.keys) % 4 != 0) fail("compressed_k: device pointer must be 4-byte aligned");
+    for (int64_t b = 0; b < B; ++b)
+      if (in.positions[b] < 0) fail("positions: row ", b, " is ", in.positions[b], ", expected >= 0");
+  }
+
+  void upload_host_inputs(const ScoreInputs& in) {
+    const int64_t B = in.keys.batch, N = in.keys.chunks;
+    const size_t key_bytes = static_cast<size_t>(B) * N * kChunkBytes;
+    void* keys = d_keys_.reserve(key_bytes, "the compressed keys [B, N, 132]", &bytes_);
+    void* hidden = d_hidden_.reserve(B * D_ * 4, "the hidden states", &bytes_);
+    FM_CUDA(cudaMemcpyAsync(keys, in.keys.data, key_bytes, cudaMemcpyHostToDevice, stream_));
+    FM_CUDA(cudaMemcpyAsync(hidden, in.hidden.data(), B * D_ * 4, cudaMemcpyHostToDevice, stream_));
+  }
+
+  const float* score_host(const ScoreInputs& in, bool with_layer_logits) {
+    const int64_t B = in.keys.batch, N = in.keys.chunks;
+    upload_host_inputs(in);
+    run(d_hidden_.as<float>(), d_keys_.as<uint8_t>(), B, N, in.positions, with_layer_logits, 0, L_);
+    check_bad_keys(&in.keys, nullptr, B, N);
+    return d_scores_.as<float>();
+  }
+
+  Scores download_scores(const float* d_scores, int64_t B, int64_t N, bool with_layer_logits) {
+    Scores out{B, N, std::vector<float>(B * N), {}};
+    FM_CUDA(cudaMemcpyAsync(out.ensemble.data(), d_scores, B * N * 4, cudaMemcpyDeviceToHost, stream_));
+    if (with_layer_logits) {
+      out.layer_logits.assign(L_, std::vector<float>(B * N));
+      for (int l = 0; l < L_; ++l)
+        FM_CUDA(cudaMemcpyAsync(out.layer_logits[l].data(), d_logits_.as<float>() + l * B * N, B * N * 4,
+                                cudaMemcpyDeviceToHost, stream_));
+    }
+    FM_CUDA(cudaStreamSynchronize(stream_));
+    return out;
+  }
+
+  // Waits for the scoring and throws, as the CPU backend does, naming the first bad chunk.
+  void check_bad_keys(const CompressedKeysView* host_keys, const uint8_t* device_keys, int64_t B, int64_t N) {
+    unsigned long long* staged = static_cast<unsigned long long*>(pinned_bad_.reserve(8));
+    FM_CUDA(cudaMemcpyAsync(staged, d_bad_.as<unsigned long long>(), 8, cudaMemcpyDeviceToHost, stream_));
+    FM_CUDA(cudaStreamSynchronize(stream_));
+    const unsigned long long first = *staged;
+    if (first == ~0ull) return;
+    const int64_t b = static_cast<int64_t>(first) / N, n = static_cast<int64_t>(first) % N;
+    uint8_t chunk[kChunkBytes];
+    if (host_keys) std::memcpy(chunk, host_keys->chunk(b, n), kChunkBytes);
+    else FM_CUDA(cudaMemcpy(chunk, device_keys + first * kChunkBytes, kChunkBytes, cudaMemcpyDeviceToHost));
+    (void)B;
+    fail_bad_chunk(chunk, b, n);
+  }
+
+  // The whole pipeline on the stream: projections, query finish, scoring of layers
+  // [layer0, layer0 + count) (all layers' queries are computed).
+  void run(const float* hidden, const uint8_t* keys, int64_t B, int64_t N, std::span<const int64_t> positions,
+           bool with_layer_logits, int layer0, int count) {
+    const int Hp = kernels::padded_heads(static_cast<int>(H_));
+    float* proj = static_cast<float*>(d_proj_.reserve(B * P_ * 4, "the projections [B, L*(R+H)]", &bytes_));
+    void* a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * (fast_ ? 2 : 4), "the normalised q-LoRA [L, B, R]", &bytes_);
+    float* qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
+    const size_t frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_halves(static_cast<int>(H_), terms_) * 2;
+    void* qfrag = d_qfrag_.reserve(frag_bytes, "the query fragments", &bytes_);
+    float* wsc = static_cast<float*>(d_w_.reserve(static_cast<size_t>(B) * L_ * Hp * 4, "the head weights", &bytes_));
+    float* angles = static_cast<float*>(d_angles_.reserve(B * 64 * 4, "the RoPE angles", &bytes_));
+    float* scores = static_cast<float*>(d_scores_.reserve(static_cast<size_t>(B) * N * 4, "the scores [B, N]", &bytes_));
+    float* logits = nullptr;
+    if (with_layer_logits)
+      logits = static_cast<float*>(d_logits_.reserve(static_cast<size_t>(L_) * B * N * 4, "the per-layer logits [L, B, N]", &bytes_));
+    unsigned long long* bad = static_cast<unsigned long long*>(d_bad_.reserve(8, "the bad-chunk flag", &bytes_));
+
+    // RoPE angles on the host by the CPU's own function (identical cos/sin on both backends).
+    float* staged = static_cast<float*>(pinned_angles_.reserve(B * 64 * 4));
+    FM_CUDA(cudaStreamSynchronize(stream_));  // the pinned staging buffer may still be in flight
+    for (int64_t b = 0; b < B; ++b) {
+      const RopeAngles ang = rope_at(positions[b], options_.max_position);
+      for (int i = 0; i < kRopePairs; ++i) {
+        staged[(b * 32 + i) * 2] = ang.cos[i];
+        staged[(b * 32 + i) * 2 + 1] = ang.sin[i];
+      }
+    }
+    FM_CUDA(cudaMemcpyAsync(angles, staged, B * 64 * 4, cudaMemcpyHostToDevice, stream_));
+    FM_CUDA(cudaMemsetAsync(bad, 0xFF, 8, stream_));
+    if (Hp != H_) {
+      FM_CUDA(cudaMemsetAsync(qfrag, 0, frag_bytes, stream_));
+      FM_CUDA(cudaMemsetAsync(wsc, 0, static_cast<size_t>(B) * L_ * Hp * 4, stream_));
+    }
+
+    const float one = 1.0f, zero = 0.0f;
+    const int HD = static_cast<int>(H_ * kKeyDim);
+    if (!fast_) {
+      const float* wa = d_wa_.as<float>();
+      const float* wb = d_wb_.as<float>();
+      if (B == 1 && use_gemv_) {
+        FM_CUBLAS(cublasSgemv(blas_, CUBLAS_OP_T, D_, P_, &one, wa, D_, hidden, 1, &zero, proj, 1));
+      } else {
+        FM_CUBLAS(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, wa, D_, hidden, D_, &zero, proj, P_));
+      }
+      FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
+      if (B == 1 && use_gemv_) {
+        FM_CUBLAS(cublasSgemvStridedBatched(blas_, CUBLAS_OP_T, R_, HD, &one, wb, R_, static_cast<long long>(HD) * R_,
+                                            static_cast<const float*>(a), 1, R_, &zero, qraw, 1, HD, L_));
+      } else {
+        FM_CUBLAS(cublasSgemmStridedBatched(blas_, CUBLAS_OP_T, CUBLAS_OP_N, HD, B, R_, &one, wb, R_,
+                                            static_cast<long long>(HD) * R_, static_cast<const float*>(a), R_, B * R_,
+                                            &zero, qraw, HD, static_cast<long long>(B) * HD, L_));
+      }
+    } else {
+      void* xb = d_xbf16_.reserve(B * D_ * 2, "the bf16 hidden states", &bytes_);
+      FM_CUDA(kernels::to_bf16(hidden, xb, B * D_, stream_));
+      FM_CUBLAS(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, d_wa_.as<void>(), CUDA_R_16BF, D_, xb,
+                             CUDA_R_16BF, D_, &zero, proj, CUDA_R_32F, P_, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, true, stream_));
+      FM_CUBLAS(cublasGemmStridedBatchedEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, HD, B, R_, &one, d_wb_.as<void>(), CUDA_R_16BF,
+                                           R_, static_cast<long long>(HD) * R_, a, CUDA_R_16BF, R_, B * R_, &zero, qraw,
+                                           CUDA_R_32F, HD, static_cast<long long>(B) * HD, L_, CUBLAS_COMPUTE_32F,
+                                           CUBLAS_GEMM_DEFAULT));
+    }
+    const float head_scale = static_cast<float>(std::pow(128.0, -0.5) * std::pow(static_cast<double>(H_), -0.5));
+    FM_CUDA(kernels::finish_queries(qraw, proj, P_, stride_, R_, angles, L_, static_cast<int>(B), static_cast<int>(H_),
+                                    head_scale, terms_, qfrag, wsc, stream_));
+
+    for (int l = layer0; l < layer0 + count; l += max_layers_per_pass_) {
+      kernels::ScoreParams p{};
+      p.keys = keys;
+      p.qfrag = qfrag;
+      p.w_scaled = wsc;
+      p.batch = B;
+      p.chunks = N;
+      p.total_layers = L_;
+      p.layer0 = l;
+      p.layer_count = std::min(max_layers_per_pass_, layer0 + count - l);
+      p.terms = terms_;
+      p.heads = static_cast<int>(H_);
+      p.ensemble_mean = options_.ensemble == Ensemble::Mean;
+      p.first_pass = l == layer0;
+      p.last_pass = l + p.layer_count == layer0 + count;
+      p.scores = scores;
+      p.layer_logits = logits;
+      p.bad_chunk = bad;
+      FM_CUDA(kernels::score_chunks(p, sm_count_, stream_));
+    }
+    last_B_ = B;
+    last_N_ = N;
+  }
+
+  int L_ = 0;
+  int64_t D_ = 0, R_ = 0, H_ = 0, stride_ = 0, P_ = 0;
+  int terms_ = 2, max_layers_per_pass_ = 0, sm_count_ = 0;
+  bool fast_ = false, use_gemv_ = true;
+  int64_t last_B_ = 0, last_N_ = 0;
+  size_t bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  DeviceBuffer workspace_, d_wa_, d_wb_, d_qnorm_;
+  DeviceBuffer d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_angles_, d_scores_, d_logits_,
+      d_bad_, d_keep_, d_count_, d_top_, d_topk_scratch_;
+  PinnedBuffer pinned_angles_, pinned_bad_;
+};
+
+}  // namespace
+
+bool cuda_device_present(std::string* why_not) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    if (why_not) *why_not = std::string("no usable CUDA device: ") + cudaGetErrorString(err);
+    return false;
+  }
+  if (count == 0) {
+    if (why_not) *why_not = "no CUDA device is present";
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Retriever> make_cuda_retriever(std::shared_ptr<const RetrieverWeights> weights, RetrieverOptions options) {
+  return std::make_unique<CudaRetrieverImpl>(std::move(weights), options);
+}
+
+}  // namespace flashmem

@@ -1,0 +1,403 @@
+// The CUDA retriever against the golden fixtures and against the CPU backend (which is
+// validated against the fixtures in test_retriever_fixtures). Needs a GPU: without one (or
+// in a build without CUDA) the executable prints why and exits 77, which meson reports as SKIP.
+//
+// Tolerances. Both backends compute the same float32 pipeline but sum the projections in a
+// different order (cuBLAS vs Eigen), so q_raw differs by ~1e-7 relative; the two bf16
+// roundings of the query then occasionally land on the other side of a rounding midpoint,
+// which moves that one query value by one bf16 ulp (<= 2^-7 relative). A logit is a sum of
+// H * 128 such products, so such a flip moves it by far less than 1e-3 of the size of its
+// terms. Exact mode adds the hi/lo fp16 split (22 significant bits) and tensor-core f32
+// sums (~1e-6 relative). We therefore allow |d logit| <= 2e-3 * (1 + |ref|) against the
+// reference and the CPU, and |d score| <= 5e-4 (sigmoid has slope <= 1/4). Selections must
+// agree exactly except for chunks whose reference score lies within 1e-4 of the cut
+// (the threshold, or the k-th best score for top-k), where the order may legitimately swap.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <set>
+#include <string>
+
+#include "src/common/error.hpp"
+#include "src/formats/safetensors.hpp"
+#include "src/retriever/retriever.hpp"
+#include "src/retriever/synthetic.hpp"
+
+#ifdef FLASHMEM_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "src/retriever/cuda_retriever.hpp"
+
+using namespace flashmem;
+
+namespace {
+
+std::string data_path(const std::string& name) {
+  const char* dir = std::getenv("FLASHMEM_TEST_DATA");
+  return std::string(dir ? dir : "tests/data") + "/" + name;
+}
+
+constexpr double kLogitRtol = 2e-3, kScoreAtol = 5e-4, kCutBand = 1e-4;
+
+// Largest |a - ref| / (rtol * (1 + |ref|)); <= 1 passes.
+double logit_violation(std::span<const float> a, std::span<const float> ref, double rtol = kLogitRtol) {
+  REQUIRE(a.size() == ref.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    worst = std::max(worst, std::abs(static_cast<double>(a[i]) - ref[i]) / (rtol * (1.0 + std::abs(ref[i]))));
+  }
+  return worst;
+}
+
+double max_abs_diff(std::span<const float> a, std::span<const float> ref) {
+  REQUIRE(a.size() == ref.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    worst = std::max(worst, std::abs(static_cast<double>(a[i]) - ref[i]));
+  }
+  return worst;
+}
+
+// Threshold masks: equal except where the reference score is within the band of t.
+int64_t threshold_mismatches(std::span<const uint8_t> keep, std::span<const uint8_t> ref, std::span<const float> ref_scores,
+                             float t) {
+  int64_t bad = 0;
+  for (size_t i = 0; i < keep.size(); ++i)
+    if (keep[i] != ref[i] && std::abs(ref_scores[i] - t) > kCutBand) ++bad;
+  return bad;
+}
+
+// Top-k masks per row: equal except for chunks whose reference score is within the band
+// of the row's k-th best reference score.
+int64_t topk_mismatches(std::span<const uint8_t> keep, std::span<const uint8_t> ref, std::span<const float> ref_scores,
+                        int64_t B, int64_t N, int64_t k) {
+  int64_t bad = 0;
+  k = std::min(k, N);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<float> row(ref_scores.begin() + b * N, ref_scores.begin() + (b + 1) * N);
+    std::nth_element(row.begin(), row.begin() + (k - 1), row.end(), std::greater<float>());
+    const float kth = row[k - 1];
+    for (int64_t n = 0; n < N; ++n)
+      if (keep[b * N + n] != ref[b * N + n] && std::abs(ref_scores[b * N + n] - kth) > kCutBand) ++bad;
+  }
+  return bad;
+}
+
+struct Case {
+  std::vector<float> hidden;
+  std::vector<uint8_t> keys;
+  std::vector<int64_t> positions;
+  int64_t B = 0, N = 0;
+  ScoreInputs inputs() const { return {hidden, {keys.data(), B, N}, positions}; }
+};
+
+Case random_case(int64_t B, int64_t N, int64_t D, uint64_t seed, bool negative_scales = true) {
+  Case c;
+  c.B = B;
+  c.N = N;
+  c.keys = mock_compressed_keys(B, N, seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  c.hidden.resize(B * D);
+  for (float& v : c.hidden) v = normal(rng);
+  for (int64_t b = 0; b < B; ++b) c.positions.push_back(static_cast<int64_t>(rng() % 2000000));
+  if (negative_scales)  // every 7th chunk gets a negative scale: relu(s * d) with s < 0
+    for (int64_t i = 0; i < B * N; i += 7) {
+      float s;
+      std::memcpy(&s, c.keys.data() + i * 132 + 128, 4);
+      s = -s;
+      std::memcpy(c.keys.data() + i * 132 + 128, &s, 4);
+    }
+  return c;
+}
+
+std::shared_ptr<const RetrieverWeights> small_synthetic(int64_t D, int64_t R, int64_t H, uint64_t seed) {
+  SyntheticShape shape;
+  shape.hidden = D;
+  shape.rank = R;
+  shape.heads = H;
+  return std::make_shared<const RetrieverWeights>(synthetic_retriever(seed, shape));
+}
+
+}  // namespace
+
+TEST_CASE("cuda retriever matches the golden retriever cases A, B, C") {
+  const SafetensorsFile cases = SafetensorsFile::open(data_path("retriever_cases.safetensors"));
+  struct Spec {
+    const char* prefix;
+    const char* checkpoint;
+    std::vector<std::string> layers;
+  };
+  for (const Spec& spec : {Spec{"A.", "retriever_small.safetensors", {"l10", "l12", "l20"}},
+                           Spec{"B.", "retriever_small.safetensors", {"l10", "l12", "l20"}},
+                           Spec{"C.", "retriever_small_bf16.safetensors", {"l20", "l10"}}}) {
+    CAPTURE(spec.prefix);
+    const std::string p = spec.prefix;
+    auto weights = std::make_shared<const RetrieverWeights>(load_retriever(data_path(spec.checkpoint), spec.layers));
+    const std::vector<float> hidden = cases.read_f32(p + "hidden");
+    const auto keys = cases.tensor(p + "compressed_k").as<uint8_t>();
+    const std::vector<int64_t> positions = cases.read_i64(p + "positions");
+    const int64_t B = 3, N = 97;
+    const ScoreInputs in{hidden, {keys.data(), B, N}, positions};
+    for (Ensemble ens : {Ensemble::Max, Ensemble::Mean}) {
+      RetrieverOptions opt;
+      opt.max_position = cases.read_i64(p + "max_position")[0];
+      opt.ensemble = ens;
+      auto cuda = make_retriever(Device::Cuda, weights, opt);
+      CHECK(std::string(cuda->backend()) == "cuda");
+      const Scores s = cuda->score(in, true);
+      for (size_t l = 0; l < spec.layers.size(); ++l) {
+        const std::vector<float> ref = cases.read_f32(p + spec.layers[l] + ".logits");
+        CHECK(logit_violation(s.layer_logits[l], ref) <= 1.0);
+        CHECK(logit_violation(cuda->layer_logits(l, in), ref) <= 1.0);
+      }
+      const std::vector<float> ref_scores = cases.read_f32(p + (ens == Ensemble::Max ? "ensemble_max" : "ensemble_mean"));
+      CHECK(max_abs_diff(s.ensemble, ref_scores) <= kScoreAtol);
+      const std::string thr = p + (ens == Ensemble::Max ? "keep_thr0.5_max" : "keep_thr0.5_mean");
+      const Selection sel = cuda->retrieve(in, SelectRule::threshold_rule(0.5f));
+      CHECK(threshold_mismatches(sel.keep, cases.tensor(thr).as<uint8_t>(), ref_scores, 0.5f) == 0);
+      for (int64_t b = 0; b < B; ++b)
+        CHECK(sel.kept_count[b] == std::count(sel.keep.begin() + b * N, sel.keep.begin() + (b + 1) * N, 1));
+      if (ens == Ensemble::Max) {
+        const Selection top = cuda->retrieve(in, SelectRule::top_k_rule(10));
+        CHECK(topk_mismatches(top.keep, cases.tensor(p + "keep_top10_max").as<uint8_t>(), ref_scores, B, N, 10) == 0);
+        CHECK(top.top_indices.size() == static_cast<size_t>(B * 10));
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda retriever matches realdim_public (exact), and fast agrees with exact") {
+  const SafetensorsFile f = SafetensorsFile::open(data_path("realdim_public.safetensors"));
+  auto weights = std::make_shared<const RetrieverWeights>(synthetic_retriever(f.read_i64("seed")[0]));
+  const std::vector<float> hidden = f.read_f32("hidden");
+  const auto keys = f.tensor("compressed_k").as<uint8_t>();
+  const std::vector<int64_t> positions = f.read_i64("positions");
+  const int64_t B = 2, N = 1237;
+  const ScoreInputs in{hidden, {keys.data(), B, N}, positions};
+  RetrieverOptions opt;
+  auto exact = make_retriever(Device::Cuda, weights, opt);
+  const Scores s = exact->score(in, true);
+  const char* names[] = {"l10", "l12", "l20"};
+  for (int l = 0; l < 3; ++l) {
+    const std::vector<float> ref = f.read_f32(std::string(names[l]) + ".logits");
+    const double v = logit_violation(s.layer_logits[l], ref);
+    MESSAGE("realdim exact ", names[l], ": max |d logit| / (2e-3 (1 + |ref|)) = ", v);
+    CHECK(v <= 1.0);
+  }
+  const std::vector<float> ref_max = f.read_f32("ensemble_max");
+  CHECK(max_abs_diff(s.ensemble, ref_max) <= kScoreAtol);
+  const Selection thr = exact->retrieve(in, SelectRule::threshold_rule(0.5f));
+  CHECK(threshold_mismatches(thr.keep, f.tensor("keep_thr0.5_max").as<uint8_t>(), ref_max, 0.5f) == 0);
+  const Selection top = exact->retrieve(in, SelectRule::top_k_rule(64));
+  CHECK(topk_mismatches(top.keep, f.tensor("keep_top64_max").as<uint8_t>(), ref_max, B, N, 64) == 0);
+  {
+    RetrieverOptions mean = opt;
+    mean.ensemble = Ensemble::Mean;
+    auto m = make_retriever(Device::Cuda, weights, mean);
+    CHECK(max_abs_diff(m->score(in).ensemble, f.read_f32("ensemble_mean")) <= kScoreAtol);
+  }
+
+  // Fast mode: bf16 weights and fp16 single-term scoring; agreement is reported, and held to
+  // a loose floor (it is an approximation by design).
+  opt.precision = Precision::Fast;
+  auto fast = make_retriever(Device::Cuda, weights, opt);
+  const Selection fthr = fast->retrieve(in, SelectRule::threshold_rule(0.5f));
+  const Selection ftop = fast->retrieve(in, SelectRule::top_k_rule(64));
+  int64_t same = 0, overlap = 0;
+  for (int64_t i = 0; i < B * N; ++i) same += fthr.keep[i] == thr.keep[i];
+  for (int64_t i = 0; i < B * N; ++i) overlap += ftop.keep[i] && top.keep[i];
+  const double same_share = static_cast<double>(same) / (B * N), top_share = static_cast<double>(overlap) / (B * 64);
+  MESSAGE("realdim_public fast vs exact: identical threshold decisions ", same_share, ", top-64 overlap ", top_share);
+  CHECK(same_share >= 0.98);
+  CHECK(top_share >= 0.8);
+}
+
+TEST_CASE("cuda fast vs exact agreement on random inputs at N = 262144 (real dims)") {
+  auto weights = std::make_shared<const RetrieverWeights>(synthetic_retriever(7));
+  const int64_t B = 1, N = 262144, k = 512;
+  const Case c = random_case(B, N, weights->hidden, 99, false);
+  RetrieverOptions opt;
+  auto exact = make_retriever(Device::Cuda, weights, opt);
+  Scores se;
+  const Selection ethr = exact->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f), &se);
+  const Selection etop = exact->retrieve(c.inputs(), SelectRule::top_k_rule(k));
+  opt.precision = Precision::Fast;
+  auto fast = make_retriever(Device::Cuda, weights, opt);
+  Scores sf;
+  const Selection fthr = fast->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f), &sf);
+  const Selection ftop = fast->retrieve(c.inputs(), SelectRule::top_k_rule(k));
+  int64_t same = 0, overlap = 0;
+  for (int64_t i = 0; i < B * N; ++i) same += fthr.keep[i] == ethr.keep[i];
+  for (int64_t i = 0; i < B * N; ++i) overlap += ftop.keep[i] && etop.keep[i];
+  double mean_kept = 0;
+  for (float v : se.ensemble) mean_kept += v > 0.5f;
+  MESSAGE("random N=262144 fast vs exact: identical threshold decisions ", static_cast<double>(same) / (B * N),
+          ", top-", k, " overlap ", static_cast<double>(overlap) / (B * k), ", exact keeps ", mean_kept / N,
+          ", max |d score| ", max_abs_diff(sf.ensemble, se.ensemble));
+  CHECK(static_cast<double>(same) / (B * N) >= 0.98);
+}
+
+TEST_CASE("cuda retriever agrees with the cpu backend on random inputs") {
+  // H = 128 (the production head count, 16 mma head groups) at small D and R to keep the CPU
+  // side quick, and the fixtures' H = 4 (padded head group).
+  for (const auto& [D, R, H] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 128}, {128, 64, 4}}) {
+    auto weights = small_synthetic(D, R, H, 3);
+    for (int64_t N : {1, 63, 1237, 100003, 262144})
+      for (int64_t B : {1, 3}) {
+        if (H == 4 && N > 1237) continue;
+        CAPTURE(N);
+        CAPTURE(B);
+        CAPTURE(H);
+        const Case c = random_case(B, N, D, 1000 + N + B);
+        for (Ensemble ens : {Ensemble::Max, Ensemble::Mean}) {
+          CAPTURE(static_cast<int>(ens));
+          RetrieverOptions opt;
+          opt.max_position = 1048576;
+          opt.ensemble = ens;
+          auto cpu = make_retriever(Device::Cpu, weights, opt);
+          auto cuda = make_retriever(Device::Cuda, weights, opt);
+          const Scores sc = cpu->score(c.inputs(), true);
+          Scores sg;
+          const Selection gthr = cuda->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f), &sg);
+          CHECK(max_abs_diff(sg.ensemble, sc.ensemble) <= kScoreAtol);
+          const Scores sgl = cuda->score(c.inputs(), true);
+          for (size_t l = 0; l < 3; ++l) CHECK(logit_violation(sgl.layer_logits[l], sc.layer_logits[l]) <= 1.0);
+          const Selection cthr = select_chunks(sc.ensemble, B, N, SelectRule::threshold_rule(0.5f));
+          CHECK(threshold_mismatches(gthr.keep, cthr.keep, sc.ensemble, 0.5f) == 0);
+          for (int64_t k : {int64_t{64}, N + 5}) {
+            const Selection gtop = cuda->retrieve(c.inputs(), SelectRule::top_k_rule(k));
+            const Selection ctop = select_chunks(sc.ensemble, B, N, SelectRule::top_k_rule(k));
+            CHECK(topk_mismatches(gtop.keep, ctop.keep, sc.ensemble, B, N, k) == 0);
+            CHECK(gtop.kept_count == ctop.kept_count);
+            CHECK(gtop.top_indices.size() == ctop.top_indices.size());
+          }
+        }
+      }
+  }
+}
+
+TEST_CASE("cuda top-k breaks ties to the lower index, as the cpu") {
+  // Scores that saturate to exactly 1.0f tie; huge weights_proj make every logit large.
+  auto base = small_synthetic(128, 64, 8, 5);
+  RetrieverWeights w = *base;
+  for (auto& layer : w.layers)
+    for (float& v : layer.weights_proj) v *= 1e4f;
+  auto weights = std::make_shared<const RetrieverWeights>(std::move(w));
+  const Case c = random_case(2, 3000, 128, 17, false);
+  auto cpu = make_retriever(Device::Cpu, weights);
+  auto cuda = make_retriever(Device::Cuda, weights);
+  const Scores sc = cpu->score(c.inputs());
+  const int64_t ones = std::count(sc.ensemble.begin(), sc.ensemble.end(), 1.0f);
+  MESSAGE("chunks with score exactly 1: ", ones);
+  const Selection g = cuda->retrieve(c.inputs(), SelectRule::top_k_rule(100));
+  const Selection r = select_chunks(sc.ensemble, 2, 3000, SelectRule::top_k_rule(100));
+  CHECK(g.top_indices == r.top_indices);
+}
+
+TEST_CASE("cuda bad input: as the cpu, plus device memory") {
+  auto weights = small_synthetic(128, 64, 4, 11);
+  auto cuda = make_retriever(Device::Cuda, weights);
+  auto cpu = make_retriever(Device::Cpu, weights);
+  Case c = random_case(2, 50, 128, 3, false);
+  auto message = [](auto&& call) -> std::string {
+    try {
+      call();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  // An fp8 NaN byte, then a non-finite scale: the same message as the CPU backend.
+  c.keys[(1 * 50 + 7) * 132 + 5] = 0x7F;
+  std::string g = message([&] { cuda->score(c.inputs()); });
+  CHECK(!g.empty());
+  CHECK(g == message([&] { cpu->score(c.inputs()); }));
+  c.keys[(1 * 50 + 7) * 132 + 5] = 0x01;
+  const float inf = INFINITY;
+  std::memcpy(c.keys.data() + (0 * 50 + 40) * 132 + 128, &inf, 4);
+  g = message([&] { cuda->score(c.inputs()); });
+  CHECK(g.find("chunk 40") != std::string::npos);
+  CHECK(g == message([&] { cpu->score(c.inputs()); }));
+  // Shape and value errors from the shared validation.
+  c = random_case(2, 50, 128, 3, false);
+  c.hidden[5] = NAN;
+  CHECK(message([&] { cuda->score(c.inputs()); }) == message([&] { cpu->score(c.inputs()); }));
+  c = random_case(2, 50, 128, 3, false);
+  c.positions = {1};
+  CHECK(!message([&] { cuda->score(c.inputs()); }).empty());
+  CHECK(!message([&] { cuda->retrieve(random_case(1, 5, 128, 1).inputs(), SelectRule::top_k_rule(0)); }).empty());
+  // A request larger than the free device memory: a one-line Error naming the size.
+  auto* dev = dynamic_cast<CudaRetriever*>(cuda.get());
+  REQUIRE(dev != nullptr);
+  void* keys = nullptr;
+  void* hidden = nullptr;
+  REQUIRE(cudaMalloc(&keys, 1024) == cudaSuccess);
+  REQUIRE(cudaMalloc(&hidden, 128 * 4) == cudaSuccess);
+  const std::vector<int64_t> pos = {0};
+  CudaRetriever::DeviceInputs din{static_cast<const float*>(hidden), static_cast<const uint8_t*>(keys), 1,
+                                  int64_t{1} << 40, pos};
+  const std::string oom = message([&] { dev->score_device(din); });
+  MESSAGE("oversized request: ", oom);
+  CHECK(oom.find("bytes") != std::string::npos);
+  CHECK(oom.find(std::to_string((int64_t{1} << 40) * 4)) != std::string::npos);
+  CHECK(oom.find('\n') == std::string::npos);
+  // The retriever still works afterwards.
+  CHECK(cuda->score(random_case(1, 5, 128, 1).inputs()).ensemble.size() == 5);
+  cudaFree(keys);
+  cudaFree(hidden);
+}
+
+TEST_CASE("cuda device-pointer entry point scores resident keys without copies") {
+  auto weights = small_synthetic(256, 128, 128, 21);
+  auto cuda = make_retriever(Device::Cuda, weights);
+  auto* dev = dynamic_cast<CudaRetriever*>(cuda.get());
+  REQUIRE(dev != nullptr);
+  const Case c = random_case(3, 5001, 256, 8);  // N odd: rows are not 16-byte aligned
+  void* keys = nullptr;
+  void* hidden = nullptr;
+  REQUIRE(cudaMalloc(&keys, c.keys.size()) == cudaSuccess);
+  REQUIRE(cudaMalloc(&hidden, c.hidden.size() * 4) == cudaSuccess);
+  REQUIRE(cudaMemcpy(keys, c.keys.data(), c.keys.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(hidden, c.hidden.data(), c.hidden.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  CudaRetriever::DeviceInputs din{static_cast<const float*>(hidden), static_cast<const uint8_t*>(keys), c.B, c.N,
+                                  c.positions};
+  const size_t before = dev->device_bytes();
+  const float* d_scores = dev->score_device(din);
+  std::vector<float> got(c.B * c.N);
+  REQUIRE(cudaMemcpy(got.data(), d_scores, got.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  const Scores ref = cuda->score(c.inputs());  // the host path (copies) as the reference
+  CHECK(got == ref.ensemble);                   // same kernels, same inputs: bitwise equal
+  // Reruns are bitwise identical and allocate nothing new.
+  dev->score_device(din);
+  const size_t after_first = dev->device_bytes();
+  for (int i = 0; i < 5; ++i) {
+    const float* again = dev->score_device(din);
+    std::vector<float> rerun(got.size());
+    REQUIRE(cudaMemcpy(rerun.data(), again, rerun.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+    CHECK(rerun == got);
+  }
+  CHECK(dev->device_bytes() == after_first);
+  MESSAGE("device bytes before first call ", before, ", after ", after_first);
+  cudaFree(keys);
+  cudaFree(hidden);
+}
+
+#endif  // FLASHMEM_HAVE_CUDA
+
+int main(int argc, char** argv) {
+  std::string why;
+  if (!flashmem::cuda_available(&why)) {
+    std::printf("SKIP: cuda retriever tests need a CUDA device: %s\n", why.c_str());
+    return 77;
+  }
+  doctest::Context context(argc, argv);
+  return context.run();
+}
