@@ -2,6 +2,7 @@
 // --set fill the same fields; the resolved config round-trips through YAML.
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "src/common/error.hpp"
@@ -93,4 +94,12 @@ TEST_CASE("YAML and --set fill the same fields; to_yaml round-trips") {
   RunConfig d;
   apply_yaml(d, to_yaml(RunConfig{}));  // every key written by to_yaml is accepted
   CHECK(to_yaml(d) == to_yaml(RunConfig{}));
+}
+
+TEST_CASE("configs/default.yaml is the embedded default") {
+  const char* data = std::getenv("FLASHMEM_TEST_DATA");
+  const std::string path = std::string(data ? data : "tests/data") + "/../../configs/default.yaml";
+  RunConfig from_file;
+  load_config_file(from_file, path);
+  CHECK(to_yaml(from_file) == to_yaml(RunConfig{}));
 }

@@ -40,32 +40,24 @@ std::string pick(const SafetensorsFile& f, const std::string& prefix, const std:
   return f.contains(prefix + "." + name) ? prefix + "." + name : name;
 }
 
-RunConfig trace_config(const std::string& run) {
-  const std::string trace = fixture("toy_trace_small.safetensors");
+// configs/toy_trace_<run>.yaml, with its repository-relative paths pointed at FLASHMEM_TEST_DATA.
+RunConfig trace_config(const std::string& run, const std::string& device) {
   RunConfig cfg;
-  cfg.device = "cpu";
+  load_config_file(cfg, fixture("../../configs/toy_trace_" + run + ".yaml"));
+  cfg.device = device;
+  const std::string trace = fixture("toy_trace_small.safetensors");
   cfg.model.weights = fixture("toy_decoder_small.safetensors");
   cfg.retriever.checkpoint = fixture("retriever_small.safetensors");
-  cfg.retriever.max_position = 4096;
-  cfg.keys.mode = "file";
   cfg.keys.path = trace;
-  cfg.keys.tensor = run + ".compressed_k";
   cfg.loop.prompt = trace;
-  cfg.loop.prompt_tensor = run + ".prefill_ids";
-  cfg.loop.batch = 2, cfg.loop.prefill = 8, cfg.loop.steps = 150, cfg.loop.tau = 64;
-  cfg.policy.kind = "retriever";
-  cfg.policy.ensemble = "max";
-  cfg.policy.tail = 0, cfg.policy.sink = 0, cfg.policy.cap = 0;  // the reference has none
-  if (run == "topk") {
-    cfg.policy.select = "topk", cfg.policy.top_k = 20;
-  } else {
-    cfg.policy.select = "threshold", cfg.policy.threshold = 0.5;
-  }
+  CHECK(cfg.keys.tensor == run + ".compressed_k");
+  CHECK(cfg.loop.prompt_tensor == run + ".prefill_ids");
+  CHECK(cfg.policy.select == run);
   return cfg;
 }
 
-void replay(const std::string& run) {
-  RunConfig cfg = trace_config(run);
+void replay(const std::string& run, const std::string& device = "cpu") {
+  RunConfig cfg = trace_config(run, device);
   const SafetensorsFile ref = SafetensorsFile::open(fixture("toy_trace_small.safetensors"));
   const auto config = ref.read_i64("config");  // shared by both runs: N, steps, tau, top-k, B, heads, vocab, max_position
   REQUIRE(config.size() == 8);
@@ -77,10 +69,10 @@ void replay(const std::string& run) {
   if (run == "topk") CHECK(config[3] == cfg.policy.top_k);
 
   RunSetup setup = prepare_run(cfg);
-  auto decoder = make_decoder(Device::Cpu, setup.decoder_weights);
-  auto retriever = make_retriever(Device::Cpu, setup.retriever_weights, retriever_options(cfg));
+  auto decoder = make_decoder(setup.device, setup.decoder_weights);
+  auto retriever = make_retriever(setup.device, setup.retriever_weights, retriever_options(cfg));
   auto policy = make_keep_policy(cfg.policy.kind);
-  const std::string out = scratch("loop_trace_" + run + ".safetensors");
+  const std::string out = scratch("loop_trace_" + run + "_" + device + ".safetensors");
   TraceRecorder trace(out, setup.keys, cfg.policy.top_k, cfg.retriever.max_position);
   MetricsCollector metrics;
   StepObserver* observers[] = {&trace, &metrics};
@@ -148,3 +140,14 @@ void replay(const std::string& run) {
 
 TEST_CASE("loop replays the reference trace: top-k 20") { replay("topk"); }
 TEST_CASE("loop replays the reference trace: threshold 0.5") { replay("threshold"); }
+
+// The same on the GPU (the CUDA retriever and decoder), same tolerances; skipped without one.
+TEST_CASE("loop replays the reference trace on CUDA") {
+  std::string why;
+  if (!cuda_available(&why)) {
+    MESSAGE("skipped: " << why);
+    return;
+  }
+  replay("topk", "cuda");
+  replay("threshold", "cuda");
+}

@@ -19,6 +19,12 @@ namespace flashmem::cli {
 
 namespace {
 
+std::string fmt_g(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 struct RunOptions {
   std::string config_file, device, out, trace;
   std::vector<std::string> sets;
@@ -54,7 +60,7 @@ void run_main(const RunOptions& opt) {
               static_cast<long long>(cfg.loop.batch), static_cast<long long>(cfg.loop.prefill),
               static_cast<long long>(cfg.loop.steps), static_cast<long long>(cfg.loop.tau), cfg.policy.kind.c_str(),
               cfg.policy.select == "topk" ? ("topk " + std::to_string(cfg.policy.top_k)).c_str()
-                                          : ("threshold " + std::to_string(cfg.policy.threshold)).c_str(),
+                                          : ("threshold " + fmt_g(cfg.policy.threshold)).c_str(),
               cfg.policy.ensemble.c_str(), static_cast<long long>(cfg.policy.tail), static_cast<long long>(cfg.policy.sink),
               static_cast<long long>(cfg.policy.cap), setup.setup_s);
   std::fflush(stdout);

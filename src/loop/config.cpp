@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <charconv>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -272,6 +273,10 @@ std::string to_yaml(const RunConfig& cfg_in) {
             out << YAML::DoubleQuoted << *v;
           } else if constexpr (std::is_same_v<T, bool>) {
             out << YAML::TrueFalseBool << *v;
+          } else if constexpr (std::is_same_v<T, double>) {
+            char buf[64];  // shortest text that reads back as the same double
+            const auto end = std::to_chars(buf, buf + sizeof buf, *v).ptr;
+            out << std::string(buf, end);
           } else {
             out << *v;
           }

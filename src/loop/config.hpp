@@ -22,7 +22,7 @@ struct RunConfig {
   struct Memory {
     std::string structure = "salient";  // random | salient
     double salient_fraction = 0.05;     // share of chunks whose memory vector is amplified
-    double salient_gain = 3.0;          // their amplification
+    double salient_gain = 2.0;          // their amplification (logit scale)
     int64_t seed = 11;
   } memory;
 
