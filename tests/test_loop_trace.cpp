@@ -19,9 +19,11 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
+#include "src/common/error.hpp"
 #include "src/formats/safetensors.hpp"
 #include "src/loop/config.hpp"
 #include "src/loop/loop.hpp"
@@ -150,4 +152,41 @@ TEST_CASE("loop replays the reference trace on CUDA") {
   }
   replay("topk", "cuda");
   replay("threshold", "cuda");
+}
+
+TEST_CASE("run folder: written whole, never over an existing one, no temp left behind") {
+  namespace fs = std::filesystem;
+  RunConfig cfg = trace_config("threshold", "cpu");
+  cfg.loop.steps = 10;
+  RunSetup setup = prepare_run(cfg);
+  auto decoder = make_decoder(setup.device, setup.decoder_weights);
+  auto retriever = make_retriever(setup.device, setup.retriever_weights, retriever_options(cfg));
+  auto policy = make_keep_policy(cfg.policy.kind);
+  MetricsCollector metrics;
+  StepObserver* observers[] = {&metrics};
+  run_decode_loop(loop_settings(cfg), {decoder.get(), retriever.get(), setup.keys_view(), setup.prompt}, *policy,
+                  observers);
+  const fs::path parent = scratch("run_folder_parent");
+  fs::remove_all(parent);
+  const std::string dir = (parent / "run").string();
+  write_run_folder(dir, metrics, to_yaml(cfg));
+  for (const char* name : {"cycles.jsonl", "steps.csv", "summary.json", "config.yaml"})
+    CHECK(fs::is_regular_file(fs::path(dir) / name));
+  RunConfig reread;
+  load_config_file(reread, dir + "/config.yaml");
+  CHECK(to_yaml(reread) == to_yaml(cfg));  // the resolved config reproduces the run
+  std::string message;
+  try {
+    write_run_folder(dir, metrics, to_yaml(cfg));
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  CHECK(message.find("output.dir") != std::string::npos);
+  int64_t entries = 0;
+  for (const auto& e : fs::directory_iterator(parent)) {
+    entries += 1;
+    CHECK(e.path().filename() == "run");
+  }
+  CHECK(entries == 1);
+  fs::remove_all(parent);
 }

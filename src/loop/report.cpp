@@ -186,6 +186,7 @@ std::string MetricsCollector::summary_text() const {
       << "%";
   if (s.value("empty_row_steps", 0) > 0) out << ", empty keep-sets " << s.value("empty_row_steps", 0) << " row-steps";
   out << "\n";
+  if (s.value("steps", 0) == 0) return out.str();  // nothing was decoded: no measures
   if (shape_.shadow && s.contains("recall")) {
     out << "  attention-mass recall " << fmt("%.4f", s["recall"].get<double>()) << " (per layer";
     for (const auto& r : s["recall_per_layer"]) out << " " << fmt("%.4f", r.get<double>());
