@@ -4,7 +4,8 @@
 // Bytes per step: the projection weights (wq, wo, mlp_up, mlp_down per layer, lm_head) and
 // the kept chunks' keys and values of both layers; the step() call includes the keep-mask
 // upload and the result download, as the decode loop sees it.
-//   usage: bench_decoder [cpu|cuda] [--hidden D] [--batch B] [--reps R] [N ...]
+//   usage: bench_decoder [cpu|cuda] [--hidden D] [--batch B] [--reps R] [--cublas] [N ...]
+//   (--cublas: the CUDA projections through cuBLAS even at B <= 4, for comparison)
 //   defaults: cuda: D 4096, B 1, R 50, N 256 4096 65536; cpu: D 4096, B 1, R 5, N 256 2048
 #include <algorithm>
 #include <chrono>
@@ -107,6 +108,7 @@ int main(int argc, char** argv) {
     else if (a == "--hidden" && i + 1 < argc) hidden = std::atoll(argv[++i]);
     else if (a == "--batch" && i + 1 < argc) batch = std::atoll(argv[++i]);
     else if (a == "--reps" && i + 1 < argc) reps = std::atoll(argv[++i]);
+    else if (a == "--cublas") setenv("FLASHMEM_TOY_GEMM", "cublas", 1);  // projections through cuBLAS only
     else sizes.push_back(std::atoll(a.c_str()));
   }
   const bool cuda = device == Device::Cuda;
@@ -127,6 +129,8 @@ int main(int argc, char** argv) {
     bandwidth = bench::measure_host_read_bandwidth();
     bw_what = "host read";
   }
+  const char* gemm = std::getenv("FLASHMEM_TOY_GEMM");
+  if (cuda) std::printf("projections: %s\n", gemm && std::strcmp(gemm, "cublas") == 0 ? "cuBLAS SGEMM" : "skinny GEMV kernel at B <= 4, else cuBLAS");
   std::printf("toy decoder step, %s, D %lld, 8 heads, 2 layers, vocab 512, B %lld, median of %lld, %s bandwidth %.1f GB/s",
               device_name(device), (long long)hidden, (long long)batch, (long long)reps, bw_what, bandwidth / 1e9);
   if (!cuda) std::printf(", %d threads", worker_count());

@@ -52,4 +52,9 @@ cudaError_t gelu_inplace(float* u, int64_t n, cudaStream_t stream);
 // next[b] = argmax of logits[b, 0..V) (lowest index among equal maxima).
 cudaError_t argmax_rows(const float* logits, int B, int V, int64_t* next, cudaStream_t stream);
 
+// y[b, :] = W x[b] + beta y[b] for B <= kSkinnyMaxRows rows (the decode step's GEMV): W
+// [out, in] row-major, in % 4 == 0, 16-byte aligned rows; each weight row is read once.
+constexpr int kSkinnyMaxRows = 4;
+cudaError_t skinny_linear(const float* W, int out, int in, const float* x, int B, float* y, float beta, cudaStream_t stream);
+
 }  // namespace flashmem::kernels::toy

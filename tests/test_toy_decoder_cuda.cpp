@@ -161,7 +161,7 @@ TEST_CASE("memattn: masked attention against a float64 reference (dense, sparse,
             worst_p = std::max(worst_p, std::fabs(h_probs[(static_cast<size_t>(b) * H + h) * N + n] - pr));
           }
         }
-      MESSAGE("memattn N ", N, " hs ", hs, (dense ? " dense" : " masked"), ": max error out ", worst_out, " probs ", worst_p);
+      MESSAGE("memattn N ", N, " hs ", hs, std::string(dense ? " dense" : " masked"), ": max error out ", worst_out, " probs ", worst_p);
       CHECK(worst_out <= 2e-6);
       CHECK(worst_p <= 1e-6);
       for (float x : h_out) REQUIRE(std::isfinite(x));
@@ -212,6 +212,35 @@ TEST_CASE("row kernels: embedding, rmsnorm, gelu, argmax against CPU references"
   for (int b = 0; b < B; ++b) CHECK(hn[b] == std::max_element(logits.begin() + b * V, logits.begin() + (b + 1) * V) - (logits.begin() + b * V));
 }
 
+TEST_CASE("skinny_linear: the decode-step GEMV against a float64 reference, beta 0 and 1") {
+  for (const int in : {4, 1000, 4096}) {
+    for (int B = 1; B <= tk::kSkinnyMaxRows; ++B) {
+      CAPTURE(in);
+      CAPTURE(B);
+      const int out = 517;
+      std::vector<float> W(static_cast<size_t>(out) * in), x(static_cast<size_t>(B) * in), y0(static_cast<size_t>(B) * out);
+      for (size_t i = 0; i < W.size(); ++i) W[i] = uniform(10, i);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = uniform(11, i);
+      for (size_t i = 0; i < y0.size(); ++i) y0[i] = uniform(12, i);
+      for (const float beta : {0.0f, 1.0f}) {
+        Dev<float> dW(W), dx(x), dy(y0);
+        CK(tk::skinny_linear(dW.p, out, in, dx.p, B, dy.p, beta, nullptr));
+        const auto y = dy.get();
+        double worst = 0;
+        for (int b = 0; b < B; ++b)
+          for (int r = 0; r < out; ++r) {
+            double ref = beta * static_cast<double>(y0[b * out + r]);
+            for (int k = 0; k < in; ++k) ref += static_cast<double>(W[static_cast<size_t>(r) * in + k]) * x[static_cast<size_t>(b) * in + k];
+            worst = std::max(worst, std::fabs(y[b * out + r] - ref));
+          }
+        // float32 sum of `in` products of values in [-1, 1): error <= ~in * eps * E|term|, a few 1e-6 at 4096
+        CHECK(worst <= 2e-5);
+      }
+    }
+  }
+  CHECK(tk::skinny_linear(nullptr, 8, 6, nullptr, 1, nullptr, 0.0f, nullptr) == cudaErrorInvalidValue);  // in % 4 != 0
+}
+
 TEST_CASE("CUDA decoder vs CPU decoder: synthetic D 1024, masks, attention, reruns") {
   ToyDecoderShape shape;
   shape.hidden = 1024;
@@ -253,12 +282,24 @@ TEST_CASE("CUDA decoder vs CPU decoder: synthetic D 1024, masks, attention, reru
       if (row[0] - row[1] < 1e-3f) ++near_ties;
       else ++bad;
     }
-    MESSAGE("CUDA vs CPU (D 1024, N 777", masked ? ", masked" : ", dense", "): max |dhidden| ", eh, " |dlogits| ", el,
+    MESSAGE("CUDA vs CPU (D 1024, N 777", std::string(masked ? ", masked" : ", dense"), "): max |dhidden| ", eh, " |dlogits| ", el,
             " |dattention| ", ea, ", token near-ties ", near_ties);
     CHECK(bad == 0);
     CHECK(ea <= 1e-5);
     CHECK(near_ties <= 1);
     for (float v : g.hidden) REQUIRE(std::isfinite(v));
+    // The first 3 rows alone take the skinny GEMV (B <= 4) instead of cuBLAS: same tolerance.
+    const std::vector<int64_t> t3(tokens.begin(), tokens.begin() + 3);
+    const std::vector<uint8_t> k3 = masked ? std::vector<uint8_t>(keep.begin(), keep.begin() + 3 * N) : std::vector<uint8_t>{};
+    const auto g3 = gpu->step(t3, k3, false);
+    double e3 = 0;
+    for (size_t i = 0; i < g3.hidden.size(); ++i) {
+      e3 = std::max<double>(e3, std::fabs(a.hidden[i] - g3.hidden[i]));
+      CHECK(testing::close(g3.hidden[i], a.hidden[i], 5e-5, 5e-5));
+    }
+    for (size_t i = 0; i < g3.logits.size(); ++i) CHECK(testing::close(g3.logits[i], a.logits[i], 5e-5, 5e-5));
+    for (int b = 0; b < 3; ++b) CHECK(g3.next_token[b] == a.next_token[b]);
+    MESSAGE("skinny path (B 3): max |dhidden| ", e3);
     const auto g2 = gpu->step(tokens, k, true);
     CHECK(g2.hidden == g.hidden);
     CHECK(g2.logits == g.logits);

@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels/toy_decoder_kernels.hpp"
@@ -94,6 +95,7 @@ class CudaDecoder final : public Decoder {
     const cudaError_t e = cudaGetDeviceCount(&devices);
     if (e != cudaSuccess || devices == 0)
       fail("--device cuda: no CUDA device (", e != cudaSuccess ? cudaGetErrorString(e) : "the runtime reports 0 devices", ")");
+    if (const char* g = std::getenv("FLASHMEM_TOY_GEMM")) force_cublas_ = std::strcmp(g, "cublas") == 0;
     TOY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     TOY_CUBLAS_CHECK(cublasCreate(&blas_));
     TOY_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
@@ -220,7 +222,15 @@ class CudaDecoder final : public Decoder {
  private:
   // y[rows, out] = x[rows, in] * W[out, in]^T + beta * y, row-major, as a column-major SGEMM:
   // y^T [out, rows] = W (col-major [in, out], transposed) * x^T (col-major [in, rows]).
+  // At <= 4 rows (a decode step) the projection is a GEMV bound by reading W: the skinny
+  // kernel streams W closer to the copy bandwidth than cuBLAS's SGEMM (bench_decoder prints
+  // both); FLASHMEM_TOY_GEMM=cublas forces cuBLAS everywhere.
   void linear(const float* W, int64_t out_dim, int64_t in_dim, const float* x, int64_t rows, float* y, float beta) {
+    if (!force_cublas_ && rows <= tk::kSkinnyMaxRows && in_dim % 4 == 0) {
+      TOY_CUDA_CHECK(tk::skinny_linear(W, static_cast<int>(out_dim), static_cast<int>(in_dim), x, static_cast<int>(rows), y,
+                                       beta, stream_));
+      return;
+    }
     const float alpha = 1.0f;
     TOY_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim), static_cast<int>(rows),
                                  static_cast<int>(in_dim), &alpha, W, static_cast<int>(in_dim), x, static_cast<int>(in_dim),
@@ -231,6 +241,7 @@ class CudaDecoder final : public Decoder {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   tk::MemAttnPlan plan_;
+  bool force_cublas_ = false;
   DeviceBuffer<float> embed_, final_norm_, lm_head_;
   std::vector<std::unique_ptr<DeviceLayer>> layers_;
   DeviceBuffer<int64_t> d_tokens_, d_next_;
