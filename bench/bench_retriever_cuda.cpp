@@ -144,15 +144,17 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(reinterpret_cast<void**>(&d_hidden), hidden.size() * 4));
     CK(cudaMemcpy(d_hidden, hidden.data(), hidden.size() * 4, cudaMemcpyHostToDevice));
 
-    std::printf("\n%-6s %2s %8s %10s %10s %7s %10s %10s %9s\n", "mode", "B", "N", "ours ms", "floor ms", "ratio",
+    std::printf("\n%-7s %2s %8s %10s %10s %7s %10s %10s %9s\n", "mode", "B", "N", "ours ms", "floor ms", "ratio",
                 "ref eager", "ref comp.", "kept");
     struct Variant {
       const char* name;
       Precision precision;
       const char* gemv;
     };
-    for (const Variant& v : {Variant{"exact", Precision::Exact, "1"}, Variant{"fast", Precision::Fast, "1"},
-                             Variant{"exact*", Precision::Exact, "0"}}) {
+    for (const Variant& v : {Variant{"exact", Precision::Exact, "custom"}, Variant{"fast", Precision::Fast, "custom"},
+                             Variant{"exact-c", Precision::Exact, "cublas"}, Variant{"exact-v", Precision::Exact, "sgemv"},
+                             Variant{"fast-c", Precision::Fast, "cublas"}}) {
+      const bool main_variant = std::string(v.gemv) == "custom";
       setenv("FLASHMEM_CUDA_GEMV", v.gemv, 1);
       RetrieverOptions opt;
       opt.precision = v.precision;
@@ -164,7 +166,7 @@ int main(int argc, char** argv) {
       const double weight_bytes = weights->parameter_bytes() / (v.precision == Precision::Fast ? 2.0 : 1.0);
       for (int B : {1, 8})
         for (int64_t N : {int64_t{16384}, int64_t{65536}, int64_t{262144}, max_n}) {
-          if (v.gemv[0] == '0' && !(B == 1 && N == 262144)) continue;  // the sgemm variant: one point
+          if (!main_variant && !(N == 262144)) continue;  // the cuBLAS variants: one size
           std::vector<int64_t> pos(B);
           for (int b = 0; b < B; ++b) pos[b] = 4095 + 100000 * b;
           CudaRetriever::DeviceInputs in{d_hidden, d_keys, B, N, pos};
@@ -192,10 +194,10 @@ int main(int argc, char** argv) {
           char eager[32] = "-", comp[32] = "-";
           if (a != anchors.end() && a->second.eager > 0) std::snprintf(eager, sizeof eager, "%.3f", a->second.eager);
           if (a != anchors.end() && a->second.compiled > 0) std::snprintf(comp, sizeof comp, "%.3f", a->second.compiled);
-          std::printf("%-6s %2d %8lld %10.3f %10.3f %7.2f %10s %10s %9.4f\n", v.name, B, static_cast<long long>(N), ours,
+          std::printf("%-7s %2d %8lld %10.3f %10.3f %7.2f %10s %10s %9.4f\n", v.name, B, static_cast<long long>(N), ours,
                       floor, ours / floor, eager, comp, static_cast<double>(kept) / N);
           std::fflush(stdout);
-          if (B == 1 && N == max_n && v.gemv[0] == '1') {
+          if (B == 1 && N == max_n && main_variant) {
             size_t free_after;
             CK(cudaMemGetInfo(&free_after, &total));
             const double keys = 132.0 * N, budget = weight_bytes + 1.2 * keys + 64.0 * 1024 * 1024;
@@ -206,7 +208,7 @@ int main(int argc, char** argv) {
                         (free_before - free_after) / 1e6, budget / 1e6);
           }
         }
-      if (v.gemv[0] == '1') {  // the query side alone (N = 1) and top-k at one size
+      if (main_variant) {  // the query side alone (N = 1) and top-k at one size
         std::vector<int64_t> pos = {4095};
         CudaRetriever::DeviceInputs in{d_hidden, d_keys, 1, 1, pos};
         std::vector<double> times;
@@ -229,7 +231,8 @@ int main(int argc, char** argv) {
         std::printf("%-6s  1   262144 %10.3f   (top-512 selection instead of threshold)\n", v.name, median(times));
       }
     }
-    std::printf("exact* = exact with cuBLAS sgemm instead of sgemv at B = 1\n");
+    std::printf("exact/fast: projections by our GEMV at B <= 4 (cuBLAS above); -c: cuBLAS GEMM (sgemm / bf16 GemmEx) "
+                "at every B; -v: cuBLAS sgemv at B = 1\n");
     CK(cudaFree(d_keys));
     CK(cudaFree(d_hidden));
     (void)free0;

@@ -24,6 +24,16 @@ inline int padded_heads(int H) { return (H + 7) / 8 * 8; }
 // (the caller zeroes both buffers when H % 8 != 0).
 inline int64_t query_fragment_halves(int H, int terms) { return static_cast<int64_t>(padded_heads(H)) * 128 * terms; }
 
+// Small-batch projection for B <= kGemvMaxBatch (gemv_kernel.cu): for z < Z,
+// y[z*y_lstride + b*y_bstride + r] = sum_k W[z*w_lstride + r*K + k] * x[z*x_lstride + b*x_bstride + k],
+// W fp32 or bf16 (16-byte aligned rows), x and y fp32. Needs K % 4 (fp32) or K % 8 (bf16) == 0
+// and x_bstride, x_lstride multiples of 4.
+constexpr int kGemvMaxBatch = 4;
+bool gemv_supported(int B, int K, bool bf16_weights);
+cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
+                 int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
+                 cudaStream_t stream);
+
 // RMSNorm of the first projection's q part (SPEC 3.2). proj [B, P] row-major with layer l's
 // wq_a output at columns l*stride .. l*stride+R; out: [L, B, R] (float or bf16 when out_bf16).
 cudaError_t rmsnorm_rows(const float* proj, int64_t P, int64_t stride, const float* q_norm /*[L,R]*/, int L, int B,

@@ -1,5 +1,6 @@
-// The CUDA backend of Retriever: cuBLAS projections (all layers' wq_a and weights_proj in
-// one GEMM, wq_b batched over layers), then the kernels of kernels/ (query finish, scoring,
+// The CUDA backend of Retriever: the projections (all layers' wq_a and weights_proj as one
+// matrix, wq_b batched over layers) through cuBLAS, or at B <= 4 through our weight-streaming
+// GEMV (kernels/gemv_kernel.cu, faster at the bandwidth-bound B = 1), then the kernels of kernels/ (query finish, scoring,
 // selection). Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS (file:line).
 #include "src/retriever/cuda_retriever.hpp"
 
@@ -139,7 +140,12 @@ class CudaRetrieverImpl final : public CudaRetriever {
     fast_ = options_.precision == Precision::Fast;
     max_layers_per_pass_ = kernels::score_max_layers_per_pass(static_cast<int>(H_), terms_);
     if (max_layers_per_pass_ == 0) fail("cuda retriever: H = ", H_, " heads do not fit the scoring kernel's shared memory");
-    if (const char* v = std::getenv("FLASHMEM_CUDA_GEMV")) use_gemv_ = std::string(v) != "0";
+    // Projection path (for benchmarks): custom (default: our GEMV for B <= 4, cuBLAS above),
+    // cublas (cuBLAS GEMM always), sgemv (cuBLAS GEMV at B = 1, exact mode).
+    if (const char* v = std::getenv("FLASHMEM_CUDA_GEMV")) {
+      const std::string mode = v;
+      gemv_mode_ = mode == "cublas" ? GemvMode::Cublas : mode == "sgemv" ? GemvMode::Sgemv : GemvMode::Custom;
+    }
 
     int device = 0;
     FM_CUDA(cudaGetDevice(&device));
@@ -324,7 +330,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
            bool with_layer_logits, int layer0, int count) {
     const int Hp = kernels::padded_heads(static_cast<int>(H_));
     float* proj = static_cast<float*>(d_proj_.reserve(B * P_ * 4, "the projections [B, L*(R+H)]", &bytes_));
-    void* a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * (fast_ ? 2 : 4), "the normalised q-LoRA [L, B, R]", &bytes_);
+    void* a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * 4, "the normalised q-LoRA [L, B, R]", &bytes_);
     float* qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
     const size_t frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_halves(static_cast<int>(H_), terms_) * 2;
     void* qfrag = d_qfrag_.reserve(frag_bytes, "the query fragments", &bytes_);
@@ -355,16 +361,27 @@ class CudaRetrieverImpl final : public CudaRetriever {
 
     const float one = 1.0f, zero = 0.0f;
     const int HD = static_cast<int>(H_ * kKeyDim);
-    if (!fast_) {
+    const bool custom = gemv_mode_ == GemvMode::Custom && kernels::gemv_supported(static_cast<int>(B), static_cast<int>(D_), fast_) &&
+                        kernels::gemv_supported(static_cast<int>(B), static_cast<int>(R_), fast_) &&
+                        reinterpret_cast<uintptr_t>(hidden) % 16 == 0;
+    if (custom) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
+      FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, hidden, 0, D_, static_cast<int>(B),
+                            proj, 0, P_, stream_));
+      FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
+      FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_,
+                            static_cast<const float*>(a), B * R_, R_, static_cast<int>(B), qraw,
+                            static_cast<int64_t>(B) * HD, HD, stream_));
+    } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
       const float* wb = d_wb_.as<float>();
-      if (B == 1 && use_gemv_) {
+      const bool sgemv = B == 1 && gemv_mode_ == GemvMode::Sgemv;
+      if (sgemv) {
         FM_CUBLAS(cublasSgemv(blas_, CUBLAS_OP_T, D_, P_, &one, wa, D_, hidden, 1, &zero, proj, 1));
       } else {
         FM_CUBLAS(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, wa, D_, hidden, D_, &zero, proj, P_));
       }
       FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
-      if (B == 1 && use_gemv_) {
+      if (sgemv) {
         FM_CUBLAS(cublasSgemvStridedBatched(blas_, CUBLAS_OP_T, R_, HD, &one, wb, R_, static_cast<long long>(HD) * R_,
                                             static_cast<const float*>(a), 1, R_, &zero, qraw, 1, HD, L_));
       } else {
@@ -414,7 +431,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
   int L_ = 0;
   int64_t D_ = 0, R_ = 0, H_ = 0, stride_ = 0, P_ = 0;
   int terms_ = 2, max_layers_per_pass_ = 0, sm_count_ = 0;
-  bool fast_ = false, use_gemv_ = true;
+  bool fast_ = false;
+  enum class GemvMode { Custom, Cublas, Sgemv } gemv_mode_ = GemvMode::Custom;
   int64_t last_B_ = 0, last_N_ = 0;
   size_t bytes_ = 0;
   cudaStream_t stream_ = nullptr;

@@ -1,0 +1,121 @@
+// Small-batch projection y[b, r] = sum_k W[r, k] * x[b, k] for B <= 4 rows, fp32 or bf16
+// weights, fp32 inputs and accumulation. At B = 1 the retriever's query side is a read of
+// all weights (510 MB fp32 / 255 MB bf16), so this is a pure weight stream: one warp per
+// output row, 16-byte streaming loads of W (no L1 allocation), x from L1.
+// CPU reference: linear() in src/retriever/query.cpp (Eigen); cuBLAS is the B > 4 path.
+#include <cuda_bf16.h>
+
+#include "kernels/retriever_kernels.hpp"
+
+namespace flashmem::kernels {
+
+namespace {
+
+constexpr int kGemvWarps = 8;
+
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <typename WT>
+__device__ __forceinline__ void widen(const uint4& v, float (&out)[16 / sizeof(WT)]) {
+  if constexpr (sizeof(WT) == 4) {
+    out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
+  } else {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  }
+}
+
+// Contract: for z = blockIdx.y (a batch of independent matrices, e.g. layers), rows r of
+// W_z = W + z*w_lstride ([rows, K] row-major, rows 16-byte aligned), x_z[b] = x + z*x_lstride
+// + b*x_bstride, y_z[b][r] = y[z*y_lstride + b*y_bstride + r]. Grid (ceil(rows/8), Z), 256
+// threads; K % (16 / sizeof(WT)) == 0.
+template <typename WT, int NB>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restrict__ W, int64_t rows, int K,
+                                                               int64_t w_lstride, const float* __restrict__ x,
+                                                               int64_t x_lstride, int64_t x_bstride,
+                                                               float* __restrict__ y, int64_t y_lstride,
+                                                               int64_t y_bstride) {
+  constexpr int V = 16 / sizeof(WT);
+  static_assert(V == 4 || V == 8, "16-byte loads of fp32 or bf16");
+  const int lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int64_t z = blockIdx.y;
+  const WT* w = W + z * w_lstride + r * K;
+  const float* xz = x + z * x_lstride;
+  float acc[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+#pragma unroll 4
+  for (int k = lane * V; k < K; k += 32 * V) {
+    float wv[V];
+    widen<WT>(load_stream(w + k), wv);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+#pragma unroll
+      for (int j = 0; j < V; j += 4) {
+        const float4 xv = *reinterpret_cast<const float4*>(xz + b * x_bstride + k + j);
+        acc[b] += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    float v = acc[b];
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == b) y[z * y_lstride + b * y_bstride + r] = v;
+  }
+}
+
+template <typename WT>
+cudaError_t launch(const WT* W, int64_t rows, int K, int64_t w_lstride, int Z, const float* x, int64_t x_lstride,
+                   int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((rows + kGemvWarps - 1) / kGemvWarps), Z);
+  const int threads = kGemvWarps * 32;
+#define FM_GEMV_CASE(NB)                                                                                          \
+  case NB:                                                                                                        \
+    gemv_kernel<WT, NB><<<grid, threads, 0, stream>>>(W, rows, K, w_lstride, x, x_lstride, x_bstride, y, y_lstride, \
+                                                      y_bstride);                                                 \
+    break;
+  switch (B) {
+    FM_GEMV_CASE(1)
+    FM_GEMV_CASE(2)
+    FM_GEMV_CASE(3)
+    FM_GEMV_CASE(4)
+    default: return cudaErrorInvalidValue;
+  }
+#undef FM_GEMV_CASE
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool gemv_supported(int B, int K, bool bf16_weights) {
+  const int V = bf16_weights ? 8 : 4;
+  return B >= 1 && B <= kGemvMaxBatch && K % V == 0;
+}
+
+cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
+                 int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
+                 cudaStream_t stream) {
+  if (!gemv_supported(B, K, bf16_weights) || reinterpret_cast<uintptr_t>(W) % 16 || reinterpret_cast<uintptr_t>(x) % 16)
+    return cudaErrorInvalidValue;
+  if (bf16_weights)
+    return launch(static_cast<const __nv_bfloat16*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y, y_lstride,
+                  y_bstride, stream);
+  return launch(static_cast<const float*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y, y_lstride,
+                y_bstride, stream);
+}
+
+}  // namespace flashmem::kernels
