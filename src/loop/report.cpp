@@ -26,6 +26,7 @@ std::string fmt(const char* format, double v) {
 
 void MetricsCollector::on_start(const LoopShape& shape) {
   shape_ = shape;
+  raster_.on_start(shape);
   recall_layer_.assign(shape.layers, 0.0);
   stale_sum_.assign(shape.tau, 0.0);
   stale_count_.assign(shape.tau, 0);
@@ -43,6 +44,7 @@ void MetricsCollector::on_start(const LoopShape& shape) {
 
 void MetricsCollector::on_cycle(const CycleEvent& ev) {
   close_cycle();
+  raster_.on_cycle(ev);
   const int64_t B = shape_.batch, N = shape_.chunks;
   acc_ = Acc{};
   acc_.cycle = ev.cycle, acc_.step = ev.step, acc_.window = ev.window, acc_.last_step = ev.step;
@@ -63,6 +65,7 @@ void MetricsCollector::on_cycle(const CycleEvent& ev) {
 }
 
 void MetricsCollector::on_step(const StepEvent& ev) {
+  raster_.on_step(ev);
   const int64_t B = shape_.batch, N = shape_.chunks;
   std::ostringstream row;
   row.precision(9);
@@ -274,6 +277,9 @@ void write_run_folder(const std::string& dir, const MetricsCollector& metrics, c
     write_file_atomically((temp / "summary.json").string(),
                           [&](std::ostream& out) { out << metrics.summary().dump(2) << "\n"; });
     write_file_atomically((temp / "config.yaml").string(), [&](std::ostream& out) { out << config_yaml; });
+    write_file_atomically((temp / "report.svg").string(), [&](std::ostream& out) {
+      out << render_svg_report(make_svg_report(metrics.summary(), metrics.cycles(), metrics.keep_raster(), config_yaml));
+    });
     fs::rename(temp, final_path, ec);
     if (ec) fail("output.dir: cannot rename ", temp.string(), " to ", dir, ": ", ec.message());
   } catch (...) {

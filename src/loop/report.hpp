@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "src/loop/observer.hpp"
+#include "src/loop/svg_report.hpp"
 
 namespace flashmem {
 
@@ -23,6 +24,7 @@ class MetricsCollector : public StepObserver {
   const std::vector<nlohmann::json>& cycles() const { return cycles_; }
   const std::string& steps_csv() const { return csv_; }
   const nlohmann::json& summary() const { return summary_; }
+  const KeepRaster& keep_raster() const { return raster_.raster(); }  // for report.svg
   // Adds a field to summary.json (run-level facts the loop does not know).
   void annotate(const std::string& key, nlohmann::json value) { summary_[key] = std::move(value); }
   // The end-of-run summary as printed lines.
@@ -38,6 +40,7 @@ class MetricsCollector : public StepObserver {
     int64_t last_step = 0;
   };
   std::FILE* console_;
+  KeepRasterRecorder raster_;
   LoopShape shape_;
   Acc acc_;
   std::vector<nlohmann::json> cycles_;
@@ -85,7 +88,7 @@ class ProgressLine : public StepObserver {
   int64_t steps_ = 0;
 };
 
-// Writes cycles.jsonl, steps.csv, summary.json and config.yaml into a temp folder next to
+// Writes cycles.jsonl, steps.csv, summary.json, config.yaml and report.svg into a temp folder next to
 // `dir`, then renames it to `dir` (no partial folder on error). `dir` must not exist.
 void write_run_folder(const std::string& dir, const MetricsCollector& metrics, const std::string& config_yaml);
 // runs/<YYYYmmdd-HHMMSS>[-k], not existing yet.
