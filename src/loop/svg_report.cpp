@@ -266,16 +266,20 @@ double keep_raster(Svg& s, const SvgReport& r, double top) {
   const KeepRaster& k = r.raster;
   const int64_t nb = static_cast<int64_t>(k.bands.size());
   s.open("g id=\"keep-raster\"");
-  s.text(kLeft, top, "Keep mask per window: dark = kept; orange strip under each band = that window's dense attention mass",
+  s.text(kLeft, top,
+         r.shadow ? "Keep mask per window: dark = kept; orange strip under each band = that window's dense attention mass"
+                  : "Keep mask per window: dark = kept",
          "font-size=\"14\" font-weight=\"bold\"");
   swatch(s, kLeft, top + 20, kKept, "kept");
   swatch(s, kLeft + 60, top + 20, kNotKept, "not kept");
-  s.text(kLeft + 150, top + 20, "dense mass vs. an even spread:", "font-size=\"11\"");
-  s.text(kLeft + 348, top + 20, "x1", "text-anchor=\"end\" font-size=\"11\"");
-  for (int l = 1; l <= 8; ++l) s.rect(kLeft + 352 + (l - 1) * 10, top + 11, 10, 10, heat(l));
-  s.text(kLeft + 436, top + 20, "x128 (log scale)", "font-size=\"11\"");
-  s.rect(kLeft + 546, top + 16, 12, 3, kMiss);
-  s.text(kLeft + 562, top + 20, "missed: a column holding >= 4x an even share, mostly not kept", "font-size=\"11\"");
+  if (r.shadow) {
+    s.text(kLeft + 150, top + 20, "dense mass vs. an even spread:", "font-size=\"11\"");
+    s.text(kLeft + 348, top + 20, "x1", "text-anchor=\"end\" font-size=\"11\"");
+    for (int l = 1; l <= 8; ++l) s.rect(kLeft + 352 + (l - 1) * 10, top + 11, 10, 10, heat(l));
+    s.text(kLeft + 436, top + 20, "x128 (log scale)", "font-size=\"11\"");
+    s.rect(kLeft + 546, top + 16, 12, 3, kMiss);
+    s.text(kLeft + 562, top + 20, "missed: a column holding >= 4x an even share, mostly not kept", "font-size=\"11\"");
+  }
   double y = top + 40;
   if (nb == 0 || k.columns == 0) {
     s.text(kLeft, y + 16, "no windows: nothing was decoded", "font-size=\"12\" fill=\"#868e96\"");
@@ -284,7 +288,7 @@ double keep_raster(Svg& s, const SvgReport& r, double top) {
   }
   const double cw = kRasterW / static_cast<double>(k.columns);
   const double bh = std::clamp(240.0 / static_cast<double>(nb), 7.0, 22.0);
-  const double hh = std::max(3.0, std::round(bh * 0.45)), pitch = bh + hh + 6;
+  const double hh = r.shadow ? std::max(3.0, std::round(bh * 0.45)) : 0.0, pitch = bh + hh + 6;
   const int64_t label_every = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(11.0 / pitch)));
   const bool show_recall = r.shadow && r.steps > 0;
   if (show_recall) s.text(kLeft + kRasterW + 8, y - 5, "recall", "font-size=\"10\" fill=\"#495057\"");
@@ -347,7 +351,7 @@ double keep_raster(Svg& s, const SvgReport& r, double top) {
   if (k.columns < k.chunks) {
     const int64_t per = (k.chunks + k.columns - 1) / k.columns;
     axis += "; binned: 1 column = " + std::string(k.chunks % k.columns ? "up to " : "") + std::to_string(per) +
-            " chunks, shade = kept share, mass summed";
+            " chunks, shade = kept share" + (r.shadow ? ", mass summed" : "");
   }
   s.text(kLeft + kRasterW / 2, y + 30, axis, "text-anchor=\"middle\" font-size=\"11\"");
   s.text(kLeft - 6, top + 35, k.batch > 1 ? "window, row" : "window", "text-anchor=\"end\" font-size=\"10\" fill=\"#495057\"");
@@ -391,8 +395,8 @@ void staleness(Svg& s, const SvgReport& r, double top) {
         "attention-mass recall", tick < 0.01 ? "%.3f" : "%.2f", yticks);
   x_ticks(s, p, 1, tau, 8);
   s.line(p.x, p.py(r.recall), p.x + p.w, p.py(r.recall), kRecall, "stroke-dasharray=\"4 3\" stroke-width=\"0.8\"");
-  s.text(p.x + p.w - 4, p.py(r.recall) - 4, "run mean " + label("%.3f", r.recall),
-         "text-anchor=\"end\" font-size=\"10\" fill=\"#1c7ed6\"");
+  s.line(p.x + p.w - 130, p.y - 8, p.x + p.w - 112, p.y - 8, kRecall, "stroke-dasharray=\"4 3\" stroke-width=\"0.8\"");
+  s.text(p.x + p.w - 108, p.y - 4, "run mean " + label("%.3f", r.recall), "font-size=\"10\"");
   for (int64_t i = 0; i < tau; ++i)
     if (std::isfinite(r.recall_by_offset[i])) pts.emplace_back(p.px(i + 1.0), p.py(r.recall_by_offset[i]));
   s.polyline(pts, kRecall, "class=\"stale\" stroke-width=\"1.6\"");
