@@ -358,7 +358,7 @@ double keep_raster(Svg& s, const SvgReport& r, double top) {
   std::string note;
   if (k.rows_shown < k.batch) note += "rows 0-" + std::to_string(k.rows_shown - 1) + " of " + std::to_string(k.batch) + " shown";
   if (k.cycle_stride > 1 || nb < k.cycles * k.rows_shown)
-    note += std::string(note.empty() ? "" : "; ") + "every " + std::to_string(k.cycle_stride) + "th window shown (" +
+    note += std::string(note.empty() ? "" : "; ") + "one window in " + std::to_string(k.cycle_stride) + " shown (" +
             std::to_string(nb / std::max<int64_t>(k.rows_shown, 1)) + " of " + std::to_string(k.cycles) + ")";
   if (!note.empty()) s.text(kLeft, y + 46, note, "font-size=\"11\" fill=\"#868e96\"");
   s.close("g");
