@@ -1,7 +1,8 @@
 // CUDA retriever benchmark at the released dimensions (D 4096, R 2048, H 128, 3 layers; the
 // seeded synthetic checkpoint of SPEC 8). Inputs resident on the device (keys [B, N, 132],
-// hidden [B, D]); one call = score_device (query side + scoring + key check, which waits for
-// the result) + threshold selection on the device + a stream sync; host wall clock, median.
+// hidden [B, D]); one call = score_select_device: query side + scoring + threshold selection as
+// one CUDA graph launch, then the key check, which waits for the result; host wall clock,
+// median. A line per mode also times the two-call form (score_device + select_device + sync).
 // Floor = max(bytes / measured copy bandwidth, FLOPs / measured bf16 tensor rate), bytes =
 // weights (fp32 exact, bf16 fast) + keys + scores + mask, FLOPs = B*N*L*H*128*2 (one term).
 // Anchors: the public PyTorch reference on the same H100 (shared/DEVICE.md).
@@ -171,21 +172,15 @@ int main(int argc, char** argv) {
           for (int b = 0; b < B; ++b) pos[b] = 4095 + 100000 * b;
           CudaRetriever::DeviceInputs in{d_hidden, d_keys, B, N, pos};
           const SelectRule rule = SelectRule::threshold_rule(0.5f);
-          for (int i = 0; i < 3; ++i) {
-            r->score_device(in);
-            r->select_device(rule);
-            r->synchronize();
-          }
+          for (int i = 0; i < 3; ++i) r->score_select_device(in, rule);
           std::vector<double> times;
           for (int i = 0; i < reps; ++i) {
             const double s = now_ms();
-            r->score_device(in);
-            r->select_device(rule);
-            r->synchronize();
+            r->score_select_device(in, rule);
             times.push_back(now_ms() - s);
           }
           long long kept = 0;
-          CK(cudaMemcpy(&kept, r->select_device(rule).kept_count, 8, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(&kept, r->score_select_device(in, rule).kept_count, 8, cudaMemcpyDeviceToHost));
           const double bytes = weight_bytes + B * N * (132.0 + 4.0 + 1.0);
           const double flops = static_cast<double>(B) * N * L * H * 128 * 2;
           const double floor = std::max(bytes / bw, flops / rate) * 1e3;
@@ -223,12 +218,43 @@ int main(int argc, char** argv) {
         times.clear();
         for (int i = 0; i < reps + 3; ++i) {
           const double s = now_ms();
-          r->score_device(in);
-          r->select_device(SelectRule::top_k_rule(512));
-          r->synchronize();
+          r->score_select_device(in, SelectRule::top_k_rule(512));
           if (i >= 3) times.push_back(now_ms() - s);
         }
         std::printf("%-6s  1   262144 %10.3f   (top-512 selection instead of threshold)\n", v.name, median(times));
+        times.clear();
+        for (int i = 0; i < reps + 3; ++i) {
+          const double s = now_ms();
+          r->score_device(in);
+          r->select_device(SelectRule::threshold_rule(0.5f));
+          r->synchronize();
+          if (i >= 3) times.push_back(now_ms() - s);
+        }
+        std::printf("%-6s  1   262144 %10.3f   (two calls: score_device, then select_device: two launches, two waits)\n",
+                    v.name, median(times));
+        // Device time alone (CUDA events around the score graph, no key check, no selection):
+        // what is left of the wall clock above is host work, the sync and the selection.
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        for (int64_t N : {int64_t{1}, int64_t{262144}, max_n}) {
+          in.chunks = N;
+          std::vector<double> dev;
+          for (int i = 0; i < reps + 3; ++i) {
+            r->synchronize();
+            CK(cudaEventRecord(e0, static_cast<cudaStream_t>(r->stream())));
+            r->score_device(in, false, false);
+            CK(cudaEventRecord(e1, static_cast<cudaStream_t>(r->stream())));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (i >= 3) dev.push_back(ms);
+          }
+          std::printf("%-6s  1 %8lld %10.3f   (device time of the score graph, CUDA events)\n", v.name,
+                      static_cast<long long>(N), median(dev));
+        }
+        CK(cudaEventDestroy(e0));
+        CK(cudaEventDestroy(e1));
       }
     }
     std::printf("exact/fast: projections by our GEMV at B <= 4 (cuBLAS above); -c: cuBLAS GEMM (sgemm / bf16 GemmEx) "

@@ -5,6 +5,7 @@
 // CPU reference: linear() in src/retriever/query.cpp (Eigen); cuBLAS is the B > 4 path.
 #include <cuda_bf16.h>
 
+#include "kernels/pdl.cuh"
 #include "kernels/retriever_kernels.hpp"
 
 namespace flashmem::kernels {
@@ -12,6 +13,7 @@ namespace flashmem::kernels {
 namespace {
 
 constexpr int kGemvWarps = 8;
+constexpr int kLoadsInFlight = 8;  // per lane: 128 bytes, 4 KB per warp
 
 __device__ __forceinline__ uint4 load_stream(const void* p) {
   uint4 v;
@@ -39,7 +41,8 @@ __device__ __forceinline__ void widen(const uint4& v, float (&out)[16 / sizeof(W
 // Contract: for z = blockIdx.y (a batch of independent matrices, e.g. layers), rows r of
 // W_z = W + z*w_lstride ([rows, K] row-major, rows 16-byte aligned), x_z[b] = x + z*x_lstride
 // + b*x_bstride, y_z[b][r] = y[z*y_lstride + b*y_bstride + r]. Grid (ceil(rows/8), Z), 256
-// threads; K % (16 / sizeof(WT)) == 0.
+// threads; K % (16 / sizeof(WT)) == 0. Chained launch (pdl.cuh): the first weight loads are
+// issued before waiting for the kernel that writes x.
 template <typename WT, int NB>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restrict__ W, int64_t rows, int K,
                                                                int64_t w_lstride, const float* __restrict__ x,
@@ -48,6 +51,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
                                                                int64_t y_bstride) {
   constexpr int V = 16 / sizeof(WT);
   static_assert(V == 4 || V == 8, "16-byte loads of fp32 or bf16");
+  allow_dependents();
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
   if (r >= rows) return;
@@ -57,16 +61,27 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
   float acc[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
-#pragma unroll 4
-  for (int k = lane * V; k < K; k += 32 * V) {
-    float wv[V];
-    widen<WT>(load_stream(w + k), wv);
+  // kLoadsInFlight 16-byte loads are issued before the first is used (Little's law: each SM
+  // needs tens of KB in flight to stream at full HBM bandwidth).
+  for (int k0 = lane * V; k0 < K; k0 += 32 * V * kLoadsInFlight) {
+    uint4 raw[kLoadsInFlight];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
+    for (int u = 0; u < kLoadsInFlight; ++u)
+      if (k0 + u * 32 * V < K) raw[u] = load_stream(w + k0 + u * 32 * V);
+    if (k0 == lane * V) grid_dependency_wait();  // x is the previous kernel's output
 #pragma unroll
-      for (int j = 0; j < V; j += 4) {
-        const float4 xv = *reinterpret_cast<const float4*>(xz + b * x_bstride + k + j);
-        acc[b] += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
+    for (int u = 0; u < kLoadsInFlight; ++u) {
+      const int k = k0 + u * 32 * V;
+      if (k >= K) break;
+      float wv[V];
+      widen<WT>(raw[u], wv);
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+          const float4 xv = *reinterpret_cast<const float4*>(xz + b * x_bstride + k + j);
+          acc[b] += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
+        }
       }
     }
   }
@@ -80,14 +95,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
 
 template <typename WT>
 cudaError_t launch(const WT* W, int64_t rows, int K, int64_t w_lstride, int Z, const float* x, int64_t x_lstride,
-                   int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride, cudaStream_t stream) {
+                   int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride, bool chained,
+                   cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((rows + kGemvWarps - 1) / kGemvWarps), Z);
   const int threads = kGemvWarps * 32;
 #define FM_GEMV_CASE(NB)                                                                                          \
   case NB:                                                                                                        \
-    gemv_kernel<WT, NB><<<grid, threads, 0, stream>>>(W, rows, K, w_lstride, x, x_lstride, x_bstride, y, y_lstride, \
-                                                      y_bstride);                                                 \
+    err = launch_chained(chained, gemv_kernel<WT, NB>, grid, dim3(threads), 0, stream, W, rows, K, w_lstride, x,   \
+                         x_lstride, x_bstride, y, y_lstride, y_bstride);                                          \
     break;
+  cudaError_t err = cudaSuccess;
   switch (B) {
     FM_GEMV_CASE(1)
     FM_GEMV_CASE(2)
@@ -96,7 +113,7 @@ cudaError_t launch(const WT* W, int64_t rows, int K, int64_t w_lstride, int Z, c
     default: return cudaErrorInvalidValue;
   }
 #undef FM_GEMV_CASE
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace
@@ -108,14 +125,14 @@ bool gemv_supported(int B, int K, bool bf16_weights) {
 
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 cudaStream_t stream) {
+                 bool chained, cudaStream_t stream) {
   if (!gemv_supported(B, K, bf16_weights) || reinterpret_cast<uintptr_t>(W) % 16 || reinterpret_cast<uintptr_t>(x) % 16)
     return cudaErrorInvalidValue;
   if (bf16_weights)
     return launch(static_cast<const __nv_bfloat16*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y, y_lstride,
-                  y_bstride, stream);
+                  y_bstride, chained, stream);
   return launch(static_cast<const float*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y, y_lstride,
-                y_bstride, stream);
+                y_bstride, chained, stream);
 }
 
 }  // namespace flashmem::kernels

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cuda_fp16.h>
 
+#include "kernels/pdl.cuh"
 #include "kernels/retriever_kernels.hpp"
 
 namespace flashmem::kernels {
@@ -20,6 +21,8 @@ constexpr int kRmsThreads = 256;
 __global__ void __launch_bounds__(kRmsThreads) rmsnorm_kernel(const float* __restrict__ proj, int64_t P,
                                                               int64_t stride, const float* __restrict__ q_norm,
                                                               int B, int R, void* out, bool out_bf16) {
+  allow_dependents();
+  grid_dependency_wait();  // proj is the previous kernel's output
   const int l = blockIdx.x, b = blockIdx.y;
   const float* x = proj + b * P + l * stride;
   double sum = 0.0;
@@ -62,6 +65,8 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
                                                      float head_scale, __half* __restrict__ qfrag,
                                                      float* __restrict__ w_scaled) {
   static_assert(TERMS == 1 || TERMS == 2, "one fp16 term (fast) or a hi/lo pair (exact)");
+  allow_dependents();
+  grid_dependency_wait();  // q_raw is the previous kernel's output
   const int lane = threadIdx.x % 32, h = blockIdx.x * 8 + threadIdx.x / 32, l = blockIdx.y, b = blockIdx.z;
   if (h >= H) return;
   const float4 v4 = *reinterpret_cast<const float4*>(q_raw + ((static_cast<int64_t>(l) * B + b) * H + h) * kHeadDim +
@@ -69,10 +74,11 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
   float x[4] = {bf16_round(v4.x), bf16_round(v4.y), bf16_round(v4.z), bf16_round(v4.w)};
   // RoPE on the last 64 dims: pairs (x[2i'], x[2i'+1]) with i = 2*lane - 32 + i'.
   if (lane >= 16) {
+    // (cos, sin) of pairs i and i + 1 in one 16-byte load (angles may live in pinned host memory).
+    const float4 cs = *reinterpret_cast<const float4*>(angles + (b * 32 + 2 * lane - 32) * 2);
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      const int i = 2 * lane - 32 + p;
-      const float c = angles[(b * 32 + i) * 2], s = angles[(b * 32 + i) * 2 + 1];
+      const float c = p ? cs.z : cs.x, s = p ? cs.w : cs.y;
       const float re = x[2 * p], im = x[2 * p + 1];
       x[2 * p] = bf16_round(__fsub_rn(__fmul_rn(re, c), __fmul_rn(im, s)));
       x[2 * p + 1] = bf16_round(__fadd_rn(__fmul_rn(re, s), __fmul_rn(im, c)));
@@ -132,8 +138,8 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
 
 cudaError_t rmsnorm_rows(const float* proj, int64_t P, int64_t stride, const float* q_norm, int L, int B, int R,
                          void* out, bool out_bf16, cudaStream_t stream) {
-  rmsnorm_kernel<<<dim3(L, B), kRmsThreads, 0, stream>>>(proj, P, stride, q_norm, B, R, out, out_bf16);
-  return cudaGetLastError();
+  return launch_chained(true, rmsnorm_kernel, dim3(L, B), dim3(kRmsThreads), 0, stream, proj, P, stride, q_norm, B, R,
+                        out, out_bf16);
 }
 
 cudaError_t to_bf16(const float* in, void* out, int64_t n, cudaStream_t stream) {
@@ -146,13 +152,8 @@ cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int
                            const float* angles, int L, int B, int H, float head_scale, int terms, void* qfrag,
                            float* w_scaled, cudaStream_t stream) {
   const dim3 grid((H + 7) / 8, L, B);
-  if (terms == 2)
-    finish_kernel<2><<<grid, 256, 0, stream>>>(q_raw, proj, P, stride, R, angles, L, B, H, head_scale,
-                                               static_cast<__half*>(qfrag), w_scaled);
-  else
-    finish_kernel<1><<<grid, 256, 0, stream>>>(q_raw, proj, P, stride, R, angles, L, B, H, head_scale,
-                                               static_cast<__half*>(qfrag), w_scaled);
-  return cudaGetLastError();
+  return launch_chained(true, terms == 2 ? finish_kernel<2> : finish_kernel<1>, grid, dim3(256), 0, stream, q_raw, proj,
+                        P, stride, R, angles, L, B, H, head_scale, static_cast<__half*>(qfrag), w_scaled);
 }
 
 }  // namespace flashmem::kernels

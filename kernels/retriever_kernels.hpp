@@ -1,5 +1,8 @@
 // CUDA kernels of the retriever (SPEC 3-4): raw device pointers and a stream in, a
 // cudaError_t out (the launch's error; the caller checks it). No framework types here.
+// rmsnorm_rows, finish_queries and score_chunks (and gemv when asked) are programmatic
+// dependent launches (kernels/pdl.cuh): each may start before the kernel ahead of it in the
+// stream ends and waits for it before reading its outputs, so the chain runs without gaps.
 // The CPU references are src/retriever/query.cpp (query side), the CPU backend's
 // score_tiles (scoring) and src/retriever/selection.cpp (selection).
 #pragma once
@@ -27,12 +30,13 @@ inline int64_t query_fragment_halves(int H, int terms) { return static_cast<int6
 // Small-batch projection for B <= kGemvMaxBatch (gemv_kernel.cu): for z < Z,
 // y[z*y_lstride + b*y_bstride + r] = sum_k W[z*w_lstride + r*K + k] * x[z*x_lstride + b*x_bstride + k],
 // W fp32 or bf16 (16-byte aligned rows), x and y fp32. Needs K % 4 (fp32) or K % 8 (bf16) == 0
-// and x_bstride, x_lstride multiples of 4.
+// and x_bstride, x_lstride multiples of 4. chained: a programmatic dependent launch (pdl.cuh)
+// that starts streaming W while the kernel before it, which writes x, finishes.
 constexpr int kGemvMaxBatch = 4;
 bool gemv_supported(int B, int K, bool bf16_weights);
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 cudaStream_t stream);
+                 bool chained, cudaStream_t stream);
 
 // RMSNorm of the first projection's q part (SPEC 3.2). proj [B, P] row-major with layer l's
 // wq_a output at columns l*stride .. l*stride+R; out: [L, B, R] (float or bf16 when out_bf16).
@@ -44,7 +48,8 @@ cudaError_t to_bf16(const float* in, void* out_bf16, int64_t n, cudaStream_t str
 
 // Steps 3.4-3.7 on the second projection: q_raw [L, B, H*128], fused_raw = proj columns
 // l*stride + R .. + H of proj [B, P]; angles [B, 32, 2] (cos, sin at the clamped positions,
-// computed on the host by the CPU's rope_at so both backends use identical values).
+// computed on the host by the CPU's rope_at so both backends use identical values; 16-byte
+// aligned, device memory or mapped pinned host memory).
 // Writes qfrag [B, L, fragment] and w_scaled [B, L, H].
 cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int64_t stride, int64_t R,
                            const float* angles, int L, int B, int H, float head_scale, int terms, void* qfrag,
@@ -56,7 +61,9 @@ cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int
 // first_pass: overwrite scores; else combine with what an earlier pass wrote.
 // layer_logits (optional, [L_total, B, N]) receives the logits of these layers.
 // bad_chunk: atomicMin of the flat index b*N+n of any chunk with an fp8 NaN byte or a
-// non-finite scale (initialise to UINT64_MAX).
+// non-finite scale (initialise to UINT64_MAX once). On the last pass the grid's last block
+// moves it to *bad_chunk_out (pinned host memory: no copy after the kernel) and re-arms it
+// to UINT64_MAX; blocks_done (initialise to 0 once) counts the finished blocks and is reset.
 struct ScoreParams {
   const uint8_t* keys;
   const void* qfrag;
@@ -67,13 +74,18 @@ struct ScoreParams {
   float* scores;
   float* layer_logits;
   unsigned long long* bad_chunk;
+  unsigned long long* bad_chunk_out;
+  unsigned* blocks_done;
 };
 int score_max_layers_per_pass(int H, int terms);  // 0: H too large for shared memory
 cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream);
 
-// Threshold selection: keep[i] = scores[i] > t; count[b] = kept in row b (int64, zeroed here).
+// Threshold selection: keep[i] = scores[i] > t; count[b] = kept in row b (int64), in one
+// launch. scratch: threshold_scratch_bytes(B, N) bytes whose first B * 4 bytes are zero before
+// the first call (the kernel leaves them zero again).
+size_t threshold_scratch_bytes(int64_t B, int64_t N);
 cudaError_t select_threshold(const float* scores, int64_t B, int64_t N, float t, uint8_t* keep, long long* count,
-                             cudaStream_t stream);
+                             void* scratch, cudaStream_t stream);
 
 // Top-k: bytes of scratch needed for rows of N chunks.
 size_t topk_scratch_bytes(int64_t N);

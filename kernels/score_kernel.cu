@@ -29,6 +29,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "kernels/pdl.cuh"
 #include "kernels/retriever_kernels.hpp"
 
 namespace flashmem::kernels {
@@ -42,6 +43,8 @@ constexpr int kTileBytes = kScoreTileChunks * kChunkBytes + 16;  // +16: the til
 static_assert((kScoreTileChunks * kChunkBytes) % 16 == 0, "tiles of a row start 16-byte apart");
 static_assert(kHeadDim == 8 * 16, "8 k-steps of 16");
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in dynamic shared memory per block
+constexpr int kGroupsInFlight = 4;  // head groups per pass of the mma loop (see head_groups)
+static_assert(kGroupsInFlight >= 1 && kGroupsInFlight <= 4, "accumulators: 8 registers per head group");
 
 // Bytes of shared memory for the queries of one layer: HG head groups x 8 k-steps x 32 lanes
 // x terms x 8 bytes.
@@ -93,12 +96,50 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
 
+// NG head groups [hg0, hg0 + NG) of one layer against the warp's two m16 tiles, each group
+// with its own accumulators: 2 * NG independent mma chains per warp (one block of 8 warps per
+// SM leaves 2 warps per scheduler, too few to hide the mma latency with 2 chains each).
+// Adds relu(acc) * w into part[mt][half] (this thread's partial head sum).
+template <int TERMS, int NG, typename QVec>
+__device__ __forceinline__ void head_groups(const uint32_t (&A)[2][8][4], const QVec* ql, const float* wl, int hg0,
+                                            int lane, int tq, float (&part)[2][2]) {
+  float acc[NG][2][4];
+#pragma unroll
+  for (int g = 0; g < NG; ++g)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[g][mt][i] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      const QVec v = ql[((hg0 + g) * 8 + kk) * 32 + lane];
+      mma16816(acc[g][0], A[0][kk], v.x, v.y);
+      mma16816(acc[g][1], A[1][kk], v.x, v.y);
+      if constexpr (TERMS == 2) {
+        mma16816(acc[g][0], A[0][kk], v.z, v.w);
+        mma16816(acc[g][1], A[1][kk], v.z, v.w);
+      }
+    }
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+    const float2 w = reinterpret_cast<const float2*>(wl + (hg0 + g) * 8)[tq];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      part[mt][0] += fmaxf(acc[g][mt][0], 0.0f) * w.x + fmaxf(acc[g][mt][1], 0.0f) * w.y;
+      part[mt][1] += fmaxf(acc[g][mt][2], 0.0f) * w.x + fmaxf(acc[g][mt][3], 0.0f) * w.y;
+    }
+  }
+}
+
 // Contract: see ScoreParams. Grid: persistent, at most one block per SM; block k owns the
 // contiguous units [k*U/G, (k+1)*U/G) of U = B * ceil(N/256) tiles (row-major), so its
 // query is reloaded only when its row changes. 256 threads, 1 block/SM (shared memory).
 template <int TERMS>
 __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p, int64_t tiles_per_row, int64_t units) {
   static_assert(TERMS == 1 || TERMS == 2, "fp16 hi (fast) or hi + lo (exact)");
+  allow_dependents();
   using QVec = typename std::conditional<TERMS == 2, uint4, uint2>::type;  // one lane's B fragments
   extern __shared__ __align__(16) uint8_t smem[];
   const int HG = (p.heads + 7) / 8, Hp = HG * 8, LC = p.layer_count;
@@ -110,7 +151,6 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   const int64_t N = p.chunks;
   const int64_t u_begin = blockIdx.x * units / gridDim.x, u_end = (blockIdx.x + 1) * units / gridDim.x;
-  if (u_begin >= u_end) return;
 
   auto src_of = [&](int64_t u, int64_t& b, int64_t& n0, int& cnt) {
     b = u / tiles_per_row;
@@ -118,13 +158,16 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     cnt = static_cast<int>(N - n0 < kScoreTileChunks ? N - n0 : kScoreTileChunks);
     return p.keys + (b * N + n0) * kChunkBytes;
   };
-  {
+  if (u_begin < u_end) {  // every block has a unit when grid <= units; guarded all the same
     int64_t b, n0;
     int cnt;
     const uint8_t* src = src_of(u_begin, b, n0, cnt);
     load_tile(stile, src, cnt * kChunkBytes);
     cp_async_commit();
   }
+  // The first key tile is in flight (keys are the caller's); everything below reads or writes
+  // what the kernels ahead of this one produce (queries, earlier passes' scores, the flag).
+  grid_dependency_wait();
   int64_t cur_b = -1;
   for (int64_t u = u_begin; u < u_end; ++u) {
     int64_t b, n0;
@@ -135,7 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       const uint4* gq = reinterpret_cast<const uint4*>(static_cast<const __half*>(p.qfrag) +
                                                        (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp) *
                                                            kHeadDim * TERMS);
-      for (int i = threadIdx.x; i < q_bytes / 16; i += kThreads) reinterpret_cast<uint4*>(smem)[i] = gq[i];
+      for (int i = threadIdx.x; i < q_bytes / 16; i += kThreads) cp_async16(smem + 16 * i, gq + i);
+      cp_async_commit();  // all in flight at once; waited for with the key tile below
       const float* gw = p.w_scaled + (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp);
       for (int i = threadIdx.x; i < LC * Hp; i += kThreads) sw[i] = gw[i];
       cur_b = b;
@@ -191,26 +235,10 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       const QVec* ql = sq + l * (HG * 8 * 32);
       const float* wl = sw + l * Hp;
       float part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-#pragma unroll 2
-      for (int hg = 0; hg < HG; ++hg) {
-        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          const QVec v = ql[(hg * 8 + kk) * 32 + lane];
-          mma16816(acc[0], A[0][kk], v.x, v.y);
-          mma16816(acc[1], A[1][kk], v.x, v.y);
-          if constexpr (TERMS == 2) {
-            mma16816(acc[0], A[0][kk], v.z, v.w);
-            mma16816(acc[1], A[1][kk], v.z, v.w);
-          }
-        }
-        const float2 w = reinterpret_cast<const float2*>(wl + hg * 8)[tq];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          part[mt][0] += fmaxf(acc[mt][0], 0.0f) * w.x + fmaxf(acc[mt][1], 0.0f) * w.y;
-          part[mt][1] += fmaxf(acc[mt][2], 0.0f) * w.x + fmaxf(acc[mt][3], 0.0f) * w.y;
-        }
-      }
+      int hg = 0;
+      for (; hg + kGroupsInFlight <= HG; hg += kGroupsInFlight)
+        head_groups<TERMS, kGroupsInFlight>(A, ql, wl, hg, lane, tq, part);
+      for (; hg < HG; ++hg) head_groups<TERMS, 1>(A, ql, wl, hg, lane, tq, part);
       const bool first_layer = p.first_pass && l == 0;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
@@ -242,6 +270,20 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
         }
     }
   }
+
+  // Step 3 (last pass): the last block to finish publishes the bad-chunk flag to the host and
+  // re-arms it for the next call.
+  if (!p.last_pass) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(p.blocks_done, 1u) == gridDim.x - 1) {
+      __threadfence();
+      *p.bad_chunk_out = atomicExch(p.bad_chunk, ~0ull);
+      *p.blocks_done = 0;
+      __threadfence_system();
+    }
+  }
 }
 
 }  // namespace
@@ -257,21 +299,15 @@ cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream
   if (p.terms != 1 && p.terms != 2) return cudaErrorInvalidValue;
   if (p.layer_count <= 0 || p.layer_count > score_max_layers_per_pass(p.heads, p.terms)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.keys) % 4 != 0) return cudaErrorMisalignedAddress;
+  if (!p.bad_chunk || (p.last_pass && (!p.bad_chunk_out || !p.blocks_done))) return cudaErrorInvalidValue;
   const int64_t tiles_per_row = (p.chunks + kScoreTileChunks - 1) / kScoreTileChunks;
   const int64_t units = p.batch * tiles_per_row;
   const int grid = static_cast<int>(std::min<int64_t>(units, sm_count));
   const int smem = smem_bytes((p.heads + 7) / 8, p.layer_count, p.terms);
-  cudaError_t err;
-  if (p.terms == 2) {
-    err = cudaFuncSetAttribute(score_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    score_kernel<2><<<grid, kThreads, smem, stream>>>(p, tiles_per_row, units);
-  } else {
-    err = cudaFuncSetAttribute(score_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    score_kernel<1><<<grid, kThreads, smem, stream>>>(p, tiles_per_row, units);
-  }
-  return cudaGetLastError();
+  const auto kernel = p.terms == 2 ? score_kernel<2> : score_kernel<1>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  return launch_chained(true, kernel, dim3(grid), dim3(kThreads), smem, stream, p, tiles_per_row, units);
 }
 
 }  // namespace flashmem::kernels

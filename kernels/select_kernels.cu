@@ -12,10 +12,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Contract: scores [B, N]; keep [B, N] = scores > t; count[b] += kept in row b (zeroed before).
-// Grid (ceil(N / (256*8)), B).
+// Contract: scores [B, N]; keep [B, N] = scores > t; count[b] = kept in row b. One launch: each
+// block writes its row-part count to partial[b, blockIdx.x], and the row's last block to finish
+// (ticket[b], 0 on entry, re-armed to 0 here) sums them in block order and writes count[b].
+// Grid (ceil(N / (256*8)) capped, B).
 __global__ void __launch_bounds__(kThreads) threshold_kernel(const float* __restrict__ scores, int64_t N, float t,
-                                                             uint8_t* __restrict__ keep, long long* count) {
+                                                             uint8_t* __restrict__ keep, long long* count,
+                                                             int* partial, unsigned* ticket) {
   const int64_t b = blockIdx.y;
   int kept = 0;
   for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
@@ -24,14 +27,33 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const float* __rest
     keep[b * N + n] = k;
     kept += k;
   }
-  for (int o = 16; o > 0; o /= 2) kept += __shfl_xor_sync(0xffffffffu, kept, o);
-  __shared__ int partial[kThreads / 32];
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = kept;
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  __shared__ int warp_sums[kThreads / 32];
+  __shared__ bool last;
+  const auto block_sum = [&](int v) {
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+    __syncthreads();
     int total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
-    if (total) atomicAdd(reinterpret_cast<unsigned long long*>(count + b), static_cast<unsigned long long>(total));
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+    __syncthreads();
+    return total;
+  };
+  const int total = block_sum(kept);
+  if (threadIdx.x == 0) {
+    partial[b * gridDim.x + blockIdx.x] = total;
+    __threadfence();
+    last = atomicAdd(ticket + b, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  long long sum = 0;
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += kThreads)
+    sum += *static_cast<volatile int*>(partial + b * gridDim.x + i);
+  const int row = block_sum(static_cast<int>(sum));  // a row has at most 2^31 - 1 chunks
+  if (threadIdx.x == 0) {
+    count[b] = row;
+    ticket[b] = 0;
   }
 }
 
@@ -88,13 +110,17 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 
 }  // namespace
 
+int64_t threshold_blocks(int64_t N) { return std::min<int64_t>((N + kThreads * 8 - 1) / (kThreads * 8), 65535); }
+
+size_t threshold_scratch_bytes(int64_t B, int64_t N) { return static_cast<size_t>(B) * (threshold_blocks(N) + 1) * 4; }
+
 cudaError_t select_threshold(const float* scores, int64_t B, int64_t N, float t, uint8_t* keep, long long* count,
-                             cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(count, 0, B * sizeof(long long), stream);
-  if (err != cudaSuccess) return err;
-  const int64_t blocks = std::min<int64_t>((N + kThreads * 8 - 1) / (kThreads * 8), 65535);
+                             void* scratch, cudaStream_t stream) {
+  const int64_t blocks = threshold_blocks(N);
+  unsigned* ticket = static_cast<unsigned*>(scratch);
+  int* partial = reinterpret_cast<int*>(ticket + B);
   threshold_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kThreads, 0, stream>>>(
-      scores, N, t, keep, count);
+      scores, N, t, keep, count, partial, ticket);
   return cudaGetLastError();
 }
 

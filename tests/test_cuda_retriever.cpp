@@ -25,6 +25,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <tuple>
 
 #include "src/common/error.hpp"
 #include "src/formats/safetensors.hpp"
@@ -413,6 +414,26 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   }
   CHECK(dev->device_bytes() == after_first);
   MESSAGE("device bytes before first call ", before, ", after ", after_first);
+  // Scoring and selection in one graph: the same results as the two calls.
+  for (const SelectRule& rule : {SelectRule::threshold_rule(0.5f), SelectRule::top_k_rule(77), SelectRule::threshold_rule(0.7f)}) {
+    auto fetch = [&](const CudaRetriever::DeviceSelection& s, bool topk) {
+      std::vector<uint8_t> keep(c.B * c.N);
+      std::vector<int64_t> count(c.B), top(topk ? c.B * 77 : 0);
+      REQUIRE(cudaMemcpy(keep.data(), s.keep, keep.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+      REQUIRE(cudaMemcpy(count.data(), s.kept_count, count.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+      if (topk) REQUIRE(cudaMemcpy(top.data(), s.top_indices, top.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+      return std::make_tuple(keep, count, top);
+    };
+    const bool topk = rule.kind == SelectRule::Kind::TopK;
+    dev->score_device(din);
+    const CudaRetriever::DeviceSelection sel = dev->select_device(rule);
+    dev->synchronize();  // select_device returns without waiting; fetch copies on another stream
+    const auto two_calls = fetch(sel, topk);
+    for (int i = 0; i < 3; ++i) {  // the first call captures the graph, the others replay it
+      const auto fused = fetch(dev->score_select_device(din, rule), topk);
+      CHECK(fused == two_calls);
+    }
+  }
   cudaFree(keys);
   cudaFree(hidden);
 }

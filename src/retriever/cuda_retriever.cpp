@@ -1,7 +1,10 @@
 // The CUDA backend of Retriever: the projections (all layers' wq_a and weights_proj as one
 // matrix, wq_b batched over layers) through cuBLAS, or at B <= 4 through our weight-streaming
 // GEMV (kernels/gemv_kernel.cu, faster at the bandwidth-bound B = 1), then the kernels of kernels/ (query finish, scoring,
-// selection). Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS (file:line).
+// selection). A score call's stream work (projections to scoring) is one CUDA graph, captured
+// once per shape and buffer set and replayed: at B = 1 the launch overheads of its ~8 operations
+// are a large part of the call. Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS
+// (file:line).
 #include "src/retriever/cuda_retriever.hpp"
 
 #include <cublas_v2.h>
@@ -92,7 +95,8 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
-// Pinned host staging (small per-call inputs and outputs).
+// Pinned, device-mapped host staging (small per-call inputs and outputs): kernels read and
+// write it directly, which saves a copy-engine transfer (~8 us each for tiny copies).
 class PinnedBuffer {
  public:
   ~PinnedBuffer() {
@@ -102,13 +106,16 @@ class PinnedBuffer {
     if (bytes <= size_) return ptr_;
     if (ptr_) FM_CUDA(cudaFreeHost(ptr_));
     ptr_ = nullptr;
-    FM_CUDA(cudaMallocHost(&ptr_, bytes));
+    FM_CUDA(cudaHostAlloc(&ptr_, bytes, cudaHostAllocMapped));
+    FM_CUDA(cudaHostGetDevicePointer(&device_ptr_, ptr_, 0));
     size_ = bytes;
     return ptr_;
   }
+  void* device_ptr() const { return device_ptr_; }
 
  private:
   void* ptr_ = nullptr;
+  void* device_ptr_ = nullptr;
   size_t size_ = 0;
 };
 
@@ -156,10 +163,17 @@ class CudaRetrieverImpl final : public CudaRetriever {
     FM_CUBLAS(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));  // no TF32: float32 products as on the CPU
     FM_CUBLAS(cublasSetWorkspace(blas_, workspace_.reserve(kWorkspaceBytes, "the cuBLAS workspace", &bytes_), kWorkspaceBytes));
     upload_weights();
+    // The bad-chunk flag and the scoring kernel's block counter: armed once, then re-armed by
+    // the kernel itself (kernels::ScoreParams).
+    bad_flag_ = static_cast<unsigned long long*>(d_bad_.reserve(16, "the bad-chunk flag", &bytes_));
+    FM_CUDA(cudaMemsetAsync(bad_flag_, 0xFF, 8, stream_));  // on stream_: ordered before the first call
+    FM_CUDA(cudaMemsetAsync(bad_flag_ + 1, 0, 8, stream_));
+    pinned_bad_.reserve(8);
   }
 
   ~CudaRetrieverImpl() override {
     if (stream_) cudaStreamSynchronize(stream_);
+    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
     if (blas_) cublasDestroy(blas_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -218,26 +232,22 @@ class CudaRetrieverImpl final : public CudaRetriever {
     rule.validate();
     const int64_t B = last_B_, N = last_N_;
     if (B == 0) fail("select_device: no scores yet (call score_device first)");
-    if (N > INT32_MAX) fail("selection: N = ", N, " chunks is more than the device selection supports (2^31 - 1)");
-    DeviceSelection sel;
-    uint8_t* keep = static_cast<uint8_t*>(d_keep_.reserve(B * N, "the keep mask [B, N]", &bytes_));
-    long long* count = static_cast<long long*>(d_count_.reserve(B * sizeof(long long), "the kept counts", &bytes_));
-    sel.keep = keep;
-    sel.kept_count = count;
-    if (rule.kind == SelectRule::Kind::Threshold) {
-      FM_CUDA(kernels::select_threshold(d_scores_.as<float>(), B, N, rule.threshold, keep, count, stream_));
-    } else {
-      const int64_t k = std::min(rule.top_k, N);
-      int64_t* top = static_cast<int64_t*>(d_top_.reserve(B * k * sizeof(int64_t), "the top-k indices", &bytes_));
-      const size_t scratch = kernels::topk_scratch_bytes(N);
-      void* s = d_topk_scratch_.reserve(scratch, "the top-k sort scratch", &bytes_);
-      FM_CUDA(kernels::select_topk(d_scores_.as<float>(), B, N, k, s, scratch, keep, top, count, stream_));
-      sel.top_indices = top;
-    }
-    return sel;
+    const Select s = prepare_selection(rule, B, N);
+    enqueue_selection(s, B, N);
+    return s.out;
+  }
+
+  DeviceSelection score_select_device(const DeviceInputs& in, const SelectRule& rule) override {
+    rule.validate();
+    validate_device_inputs(in);
+    const Select s = prepare_selection(rule, in.batch, in.chunks);
+    run(in.hidden, in.keys, in.batch, in.chunks, in.positions, false, 0, L_, &s);
+    check_bad_keys(nullptr, in.keys, in.batch, in.chunks);
+    return s.out;
   }
 
   void synchronize() override { FM_CUDA(cudaStreamSynchronize(stream_)); }
+  void* stream() const override { return stream_; }
   size_t device_bytes() const override { return bytes_; }
 
  private:
@@ -311,8 +321,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
 
   // Waits for the scoring and throws, as the CPU backend does, naming the first bad chunk.
   void check_bad_keys(const CompressedKeysView* host_keys, const uint8_t* device_keys, int64_t B, int64_t N) {
-    unsigned long long* staged = static_cast<unsigned long long*>(pinned_bad_.reserve(8));
-    FM_CUDA(cudaMemcpyAsync(staged, d_bad_.as<unsigned long long>(), 8, cudaMemcpyDeviceToHost, stream_));
+    const unsigned long long* staged = static_cast<const unsigned long long*>(pinned_bad_.reserve(8));  // the scoring kernel writes it
     FM_CUDA(cudaStreamSynchronize(stream_));
     const unsigned long long first = *staged;
     if (first == ~0ull) return;
@@ -324,61 +333,166 @@ class CudaRetrieverImpl final : public CudaRetriever {
     fail_bad_chunk(chunk, b, n);
   }
 
-  // The whole pipeline on the stream: projections, query finish, scoring of layers
-  // [layer0, layer0 + count) (all layers' queries are computed).
+  // A selection's rule and buffers (prepare_selection reserves them; enqueue_selection runs it).
+  struct Select {
+    SelectRule::Kind kind;
+    float threshold;
+    int64_t k;
+    DeviceSelection out;
+    void* scratch;
+    size_t scratch_bytes;
+    bool operator==(const Select& o) const {
+      return kind == o.kind && threshold == o.threshold && k == o.k && out.keep == o.out.keep &&
+             out.kept_count == o.out.kept_count && out.top_indices == o.out.top_indices && scratch == o.scratch &&
+             scratch_bytes == o.scratch_bytes;
+    }
+  };
+
+  Select prepare_selection(const SelectRule& rule, int64_t B, int64_t N) {
+    if (N > INT32_MAX) fail("selection: N = ", N, " chunks is more than the device selection supports (2^31 - 1)");
+    Select s{rule.kind, rule.threshold, 0, {}, nullptr, 0};
+    s.out.keep = static_cast<uint8_t*>(d_keep_.reserve(B * N, "the keep mask [B, N]", &bytes_));
+    s.out.kept_count = static_cast<long long*>(d_count_.reserve(B * sizeof(long long), "the kept counts", &bytes_));
+    if (rule.kind == SelectRule::Kind::Threshold) {
+      s.scratch_bytes = kernels::threshold_scratch_bytes(B, N);
+      if (s.scratch_bytes > d_threshold_scratch_.size()) {  // a new buffer: zero its tickets once
+        void* fresh = d_threshold_scratch_.reserve(s.scratch_bytes, "the threshold selection scratch", &bytes_);
+        FM_CUDA(cudaMemsetAsync(fresh, 0, s.scratch_bytes, stream_));
+      }
+      s.scratch = d_threshold_scratch_.as<void>();
+    } else {
+      s.k = std::min(rule.top_k, N);
+      s.out.top_indices = static_cast<int64_t*>(d_top_.reserve(B * s.k * sizeof(int64_t), "the top-k indices", &bytes_));
+      s.scratch_bytes = kernels::topk_scratch_bytes(N);
+      s.scratch = d_topk_scratch_.reserve(s.scratch_bytes, "the top-k sort scratch", &bytes_);
+    }
+    return s;
+  }
+
+  void enqueue_selection(const Select& s, int64_t B, int64_t N) {
+    uint8_t* keep = const_cast<uint8_t*>(s.out.keep);
+    long long* count = const_cast<long long*>(s.out.kept_count);
+    if (s.kind == SelectRule::Kind::Threshold)
+      FM_CUDA(kernels::select_threshold(d_scores_.as<float>(), B, N, s.threshold, keep, count, s.scratch, stream_));
+    else
+      FM_CUDA(kernels::select_topk(d_scores_.as<float>(), B, N, s.k, s.scratch, s.scratch_bytes, keep,
+                                   const_cast<int64_t*>(s.out.top_indices), count, stream_));
+  }
+
+  // Everything one score call enqueues, with the buffers it uses: a call replays a CUDA graph
+  // of these stream operations, captured once per distinct Launch (shapes and pointers).
+  struct Launch {
+    const float* hidden;
+    const uint8_t* keys;
+    int64_t B, N;
+    int layer0, count;
+    bool custom_gemv;
+    float *proj, *qraw, *wsc, *scores, *logits;
+    const float* angles;  // device view of the pinned staging
+    void *a, *qfrag, *xb;
+    size_t frag_bytes;
+    unsigned long long *staged_bad;
+    bool with_select;
+    Select select;  // when with_select: the selection, in the same graph
+    bool operator==(const Launch&) const = default;
+  };
+
+  // The whole pipeline: projections, query finish, scoring of layers [layer0, layer0 + count)
+  // (all layers' queries are computed); the scoring kernel leaves the bad-chunk flag in pinned
+  // memory. Host work (buffers, the RoPE angles, read by the query kernel straight from pinned
+  // memory) here; the stream work is one graph launch.
   void run(const float* hidden, const uint8_t* keys, int64_t B, int64_t N, std::span<const int64_t> positions,
-           bool with_layer_logits, int layer0, int count) {
+           bool with_layer_logits, int layer0, int count, const Select* select = nullptr) {
     const int Hp = kernels::padded_heads(static_cast<int>(H_));
-    float* proj = static_cast<float*>(d_proj_.reserve(B * P_ * 4, "the projections [B, L*(R+H)]", &bytes_));
-    void* a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * 4, "the normalised q-LoRA [L, B, R]", &bytes_);
-    float* qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
-    const size_t frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_halves(static_cast<int>(H_), terms_) * 2;
-    void* qfrag = d_qfrag_.reserve(frag_bytes, "the query fragments", &bytes_);
-    float* wsc = static_cast<float*>(d_w_.reserve(static_cast<size_t>(B) * L_ * Hp * 4, "the head weights", &bytes_));
-    float* angles = static_cast<float*>(d_angles_.reserve(B * 64 * 4, "the RoPE angles", &bytes_));
-    float* scores = static_cast<float*>(d_scores_.reserve(static_cast<size_t>(B) * N * 4, "the scores [B, N]", &bytes_));
-    float* logits = nullptr;
+    Launch x{};
+    x.with_select = select != nullptr;
+    if (select) x.select = *select;
+    x.hidden = hidden;
+    x.keys = keys;
+    x.B = B;
+    x.N = N;
+    x.layer0 = layer0;
+    x.count = count;
+    x.custom_gemv = gemv_mode_ == GemvMode::Custom && kernels::gemv_supported(static_cast<int>(B), static_cast<int>(D_), fast_) &&
+                    kernels::gemv_supported(static_cast<int>(B), static_cast<int>(R_), fast_) &&
+                    reinterpret_cast<uintptr_t>(hidden) % 16 == 0;
+    x.proj = static_cast<float*>(d_proj_.reserve(B * P_ * 4, "the projections [B, L*(R+H)]", &bytes_));
+    x.a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * 4, "the normalised q-LoRA [L, B, R]", &bytes_);
+    x.qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
+    x.frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_halves(static_cast<int>(H_), terms_) * 2;
+    x.qfrag = d_qfrag_.reserve(x.frag_bytes, "the query fragments", &bytes_);
+    x.wsc = static_cast<float*>(d_w_.reserve(static_cast<size_t>(B) * L_ * Hp * 4, "the head weights", &bytes_));
+    x.scores = static_cast<float*>(d_scores_.reserve(static_cast<size_t>(B) * N * 4, "the scores [B, N]", &bytes_));
     if (with_layer_logits)
-      logits = static_cast<float*>(d_logits_.reserve(static_cast<size_t>(L_) * B * N * 4, "the per-layer logits [L, B, N]", &bytes_));
-    unsigned long long* bad = static_cast<unsigned long long*>(d_bad_.reserve(8, "the bad-chunk flag", &bytes_));
+      x.logits = static_cast<float*>(d_logits_.reserve(static_cast<size_t>(L_) * B * N * 4, "the per-layer logits [L, B, N]", &bytes_));
+    if (!x.custom_gemv && fast_) x.xb = d_xbf16_.reserve(B * D_ * 2, "the bf16 hidden states", &bytes_);
+    x.staged_bad = static_cast<unsigned long long*>(pinned_bad_.device_ptr());
+    float* staged_angles = static_cast<float*>(pinned_angles_.reserve(B * 64 * 4));
+    x.angles = static_cast<const float*>(pinned_angles_.device_ptr());
 
     // RoPE angles on the host by the CPU's own function (identical cos/sin on both backends).
-    float* staged = static_cast<float*>(pinned_angles_.reserve(B * 64 * 4));
     FM_CUDA(cudaStreamSynchronize(stream_));  // the pinned staging buffer may still be in flight
     for (int64_t b = 0; b < B; ++b) {
       const RopeAngles ang = rope_at(positions[b], options_.max_position);
       for (int i = 0; i < kRopePairs; ++i) {
-        staged[(b * 32 + i) * 2] = ang.cos[i];
-        staged[(b * 32 + i) * 2 + 1] = ang.sin[i];
+        staged_angles[(b * 32 + i) * 2] = ang.cos[i];
+        staged_angles[(b * 32 + i) * 2 + 1] = ang.sin[i];
       }
     }
-    FM_CUDA(cudaMemcpyAsync(angles, staged, B * 64 * 4, cudaMemcpyHostToDevice, stream_));
-    FM_CUDA(cudaMemsetAsync(bad, 0xFF, 8, stream_));
+    if (!graph_exec_ || !(x == graph_launch_)) capture(x);
+    FM_CUDA(cudaGraphLaunch(graph_exec_, stream_));
+    last_B_ = B;
+    last_N_ = N;
+  }
+
+  // Captures enqueue(x) into graph_exec_ (replacing the previous graph).
+  void capture(const Launch& x) {
+    if (graph_exec_) FM_CUDA(cudaGraphExecDestroy(graph_exec_));
+    graph_exec_ = nullptr;
+    FM_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed));
+    cudaGraph_t graph = nullptr;
+    try {
+      enqueue(x);
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);  // leave capture mode; the error in flight wins
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    FM_CUDA(cudaStreamEndCapture(stream_, &graph));
+    const cudaError_t err = cudaGraphInstantiate(&graph_exec_, graph, 0);
+    FM_CUDA(cudaGraphDestroy(graph));
+    FM_CUDA(err);
+    graph_launch_ = x;
+  }
+
+  void enqueue(const Launch& x) {
+    const int64_t B = x.B;
+    const int Hp = kernels::padded_heads(static_cast<int>(H_));
     if (Hp != H_) {
-      FM_CUDA(cudaMemsetAsync(qfrag, 0, frag_bytes, stream_));
-      FM_CUDA(cudaMemsetAsync(wsc, 0, static_cast<size_t>(B) * L_ * Hp * 4, stream_));
+      FM_CUDA(cudaMemsetAsync(x.qfrag, 0, x.frag_bytes, stream_));
+      FM_CUDA(cudaMemsetAsync(x.wsc, 0, static_cast<size_t>(B) * L_ * Hp * 4, stream_));
     }
 
     const float one = 1.0f, zero = 0.0f;
     const int HD = static_cast<int>(H_ * kKeyDim);
-    const bool custom = gemv_mode_ == GemvMode::Custom && kernels::gemv_supported(static_cast<int>(B), static_cast<int>(D_), fast_) &&
-                        kernels::gemv_supported(static_cast<int>(B), static_cast<int>(R_), fast_) &&
-                        reinterpret_cast<uintptr_t>(hidden) % 16 == 0;
-    if (custom) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
-      FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, hidden, 0, D_, static_cast<int>(B),
-                            proj, 0, P_, stream_));
+    float* proj = x.proj;
+    float* qraw = x.qraw;
+    void* a = x.a;
+    if (x.custom_gemv) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
+      FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, x.hidden, 0, D_, static_cast<int>(B),
+                            proj, 0, P_, /*chained=*/false, stream_));
       FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
       FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_,
                             static_cast<const float*>(a), B * R_, R_, static_cast<int>(B), qraw,
-                            static_cast<int64_t>(B) * HD, HD, stream_));
+                            static_cast<int64_t>(B) * HD, HD, /*chained=*/true, stream_));
     } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
       const float* wb = d_wb_.as<float>();
       const bool sgemv = B == 1 && gemv_mode_ == GemvMode::Sgemv;
       if (sgemv) {
-        FM_CUBLAS(cublasSgemv(blas_, CUBLAS_OP_T, D_, P_, &one, wa, D_, hidden, 1, &zero, proj, 1));
+        FM_CUBLAS(cublasSgemv(blas_, CUBLAS_OP_T, D_, P_, &one, wa, D_, x.hidden, 1, &zero, proj, 1));
       } else {
-        FM_CUBLAS(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, wa, D_, hidden, D_, &zero, proj, P_));
+        FM_CUBLAS(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, wa, D_, x.hidden, D_, &zero, proj, P_));
       }
       FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
       if (sgemv) {
@@ -390,9 +504,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
                                             &zero, qraw, HD, static_cast<long long>(B) * HD, L_));
       }
     } else {
-      void* xb = d_xbf16_.reserve(B * D_ * 2, "the bf16 hidden states", &bytes_);
-      FM_CUDA(kernels::to_bf16(hidden, xb, B * D_, stream_));
-      FM_CUBLAS(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, d_wa_.as<void>(), CUDA_R_16BF, D_, xb,
+      FM_CUDA(kernels::to_bf16(x.hidden, x.xb, B * D_, stream_));
+      FM_CUBLAS(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, d_wa_.as<void>(), CUDA_R_16BF, D_, x.xb,
                              CUDA_R_16BF, D_, &zero, proj, CUDA_R_32F, P_, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, true, stream_));
       FM_CUBLAS(cublasGemmStridedBatchedEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, HD, B, R_, &one, d_wb_.as<void>(), CUDA_R_16BF,
@@ -401,31 +514,32 @@ class CudaRetrieverImpl final : public CudaRetriever {
                                            CUBLAS_GEMM_DEFAULT));
     }
     const float head_scale = static_cast<float>(std::pow(128.0, -0.5) * std::pow(static_cast<double>(H_), -0.5));
-    FM_CUDA(kernels::finish_queries(qraw, proj, P_, stride_, R_, angles, L_, static_cast<int>(B), static_cast<int>(H_),
-                                    head_scale, terms_, qfrag, wsc, stream_));
+    FM_CUDA(kernels::finish_queries(qraw, proj, P_, stride_, R_, x.angles, L_, static_cast<int>(B), static_cast<int>(H_),
+                                    head_scale, terms_, x.qfrag, x.wsc, stream_));
 
-    for (int l = layer0; l < layer0 + count; l += max_layers_per_pass_) {
+    for (int l = x.layer0; l < x.layer0 + x.count; l += max_layers_per_pass_) {
       kernels::ScoreParams p{};
-      p.keys = keys;
-      p.qfrag = qfrag;
-      p.w_scaled = wsc;
+      p.keys = x.keys;
+      p.qfrag = x.qfrag;
+      p.w_scaled = x.wsc;
       p.batch = B;
-      p.chunks = N;
+      p.chunks = x.N;
       p.total_layers = L_;
       p.layer0 = l;
-      p.layer_count = std::min(max_layers_per_pass_, layer0 + count - l);
+      p.layer_count = std::min(max_layers_per_pass_, x.layer0 + x.count - l);
       p.terms = terms_;
       p.heads = static_cast<int>(H_);
       p.ensemble_mean = options_.ensemble == Ensemble::Mean;
-      p.first_pass = l == layer0;
-      p.last_pass = l + p.layer_count == layer0 + count;
-      p.scores = scores;
-      p.layer_logits = logits;
-      p.bad_chunk = bad;
+      p.first_pass = l == x.layer0;
+      p.last_pass = l + p.layer_count == x.layer0 + x.count;
+      p.scores = x.scores;
+      p.layer_logits = x.logits;
+      p.bad_chunk = bad_flag_;
+      p.bad_chunk_out = x.staged_bad;
+      p.blocks_done = reinterpret_cast<unsigned*>(bad_flag_ + 1);
       FM_CUDA(kernels::score_chunks(p, sm_count_, stream_));
     }
-    last_B_ = B;
-    last_N_ = N;
+    if (x.with_select) enqueue_selection(x.select, B, x.N);
   }
 
   int L_ = 0;
@@ -438,9 +552,12 @@ class CudaRetrieverImpl final : public CudaRetriever {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer workspace_, d_wa_, d_wb_, d_qnorm_;
-  DeviceBuffer d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_angles_, d_scores_, d_logits_,
-      d_bad_, d_keep_, d_count_, d_top_, d_topk_scratch_;
+  DeviceBuffer d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_scores_, d_logits_,
+      d_bad_, d_keep_, d_count_, d_top_, d_topk_scratch_, d_threshold_scratch_;
   PinnedBuffer pinned_angles_, pinned_bad_;
+  unsigned long long* bad_flag_ = nullptr;  // [0]: the flag, [1]: the scoring kernel's block counter
+  cudaGraphExec_t graph_exec_ = nullptr;
+  Launch graph_launch_{};
 };
 
 }  // namespace

@@ -39,7 +39,12 @@ class CudaRetriever : public Retriever {
   virtual const float* layer_logits_device() const = 0;
   // Selects on the device from the last score_device/score call's scores.
   virtual DeviceSelection select_device(const SelectRule& rule) = 0;
+  // score_device(in) then select_device(rule) as one CUDA graph launch and one wait (with the
+  // key check): the same results, without the second launch's latency.
+  virtual DeviceSelection score_select_device(const DeviceInputs& in, const SelectRule& rule) = 0;
   virtual void synchronize() = 0;
+  // The stream all of this retriever's device work runs on (a cudaStream_t), for timing.
+  virtual void* stream() const = 0;
   // Bytes of device memory this retriever holds (weights, buffers, cuBLAS workspace).
   virtual size_t device_bytes() const = 0;
 
