@@ -22,6 +22,8 @@
 #include "toy_model/decoder.hpp"
 
 #ifdef FLASHMEM_TOY_CUDA
+#include "bench/gpu_rates.hpp"
+#include "src/common/cuda_support.hpp"
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #endif
@@ -31,62 +33,30 @@ using namespace flashmem;
 namespace {
 
 #ifdef FLASHMEM_TOY_CUDA
-#define BENCH_CHECK(call)                                                                 \
-  do {                                                                                    \
-    if ((call) != 0) {                                                                    \
-      std::fprintf(stderr, "%s:%d: %s failed\n", __FILE__, __LINE__, #call);             \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
-
-// Device-to-device copy of 1 GiB, counting read + write bytes (as DEVICE.md does); best of 5.
-double measure_device_copy_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  BENCH_CHECK(cudaMalloc(&a, bytes));
-  BENCH_CHECK(cudaMalloc(&b, bytes));
-  BENCH_CHECK(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  BENCH_CHECK(cudaEventCreate(&e0));
-  BENCH_CHECK(cudaEventCreate(&e1));
-  float best = 1e30f;
-  for (int i = 0; i < 6; ++i) {
-    BENCH_CHECK(cudaEventRecord(e0));
-    BENCH_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-    BENCH_CHECK(cudaEventRecord(e1));
-    BENCH_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i > 0) best = std::min(best, ms);
-  }
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * bytes / (best * 1e-3);
-}
 
 // One fp32 SGEMM with B columns over an [out, in] weight, as the decoder issues it: GB/s.
 double probe_projection(int64_t out, int64_t in, int64_t batch) {
   float *w = nullptr, *x = nullptr, *y = nullptr;
-  BENCH_CHECK(cudaMalloc(reinterpret_cast<void**>(&w), out * in * 4));
-  BENCH_CHECK(cudaMalloc(reinterpret_cast<void**>(&x), in * batch * 4));
-  BENCH_CHECK(cudaMalloc(reinterpret_cast<void**>(&y), out * batch * 4));
-  BENCH_CHECK(cudaMemset(w, 0, out * in * 4));
-  BENCH_CHECK(cudaMemset(x, 0, in * batch * 4));
+  FM_CUDA(cudaMalloc(reinterpret_cast<void**>(&w), out * in * 4));
+  FM_CUDA(cudaMalloc(reinterpret_cast<void**>(&x), in * batch * 4));
+  FM_CUDA(cudaMalloc(reinterpret_cast<void**>(&y), out * batch * 4));
+  FM_CUDA(cudaMemset(w, 0, out * in * 4));
+  FM_CUDA(cudaMemset(x, 0, in * batch * 4));
   cublasHandle_t h;
-  BENCH_CHECK(cublasCreate(&h));
+  FM_CUBLAS(cublasCreate(&h));
   const float one = 1.0f, zero = 0.0f;
   cudaEvent_t e0, e1;
-  BENCH_CHECK(cudaEventCreate(&e0));
-  BENCH_CHECK(cudaEventCreate(&e1));
+  FM_CUDA(cudaEventCreate(&e0));
+  FM_CUDA(cudaEventCreate(&e1));
   const int reps = 50;
-  BENCH_CHECK(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, &one, w, in, x, in, &zero, y, out));
-  BENCH_CHECK(cudaEventRecord(e0));
+  FM_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, &one, w, in, x, in, &zero, y, out));
+  FM_CUDA(cudaEventRecord(e0));
   for (int i = 0; i < reps; ++i)
-    BENCH_CHECK(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, &one, w, in, x, in, &zero, y, out));
-  BENCH_CHECK(cudaEventRecord(e1));
-  BENCH_CHECK(cudaEventSynchronize(e1));
+    FM_CUBLAS(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, &one, w, in, x, in, &zero, y, out));
+  FM_CUDA(cudaEventRecord(e1));
+  FM_CUDA(cudaEventSynchronize(e1));
   float ms = 0;
-  BENCH_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  FM_CUDA(cudaEventElapsedTime(&ms, e0, e1));
   cublasDestroy(h);
   cudaFree(w);
   cudaFree(x);
@@ -119,7 +89,7 @@ int main(int argc, char** argv) {
   const char* bw_what = "";
   if (cuda) {
 #ifdef FLASHMEM_TOY_CUDA
-    bandwidth = measure_device_copy_bandwidth();
+    bandwidth = bench::measure_device_copy_bandwidth();
     bw_what = "device-to-device copy, read + write";
 #else
     std::fprintf(stderr, "this build has no CUDA toy decoder\n");

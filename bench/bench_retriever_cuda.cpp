@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu_rates.hpp"
+#include "src/common/cuda_support.hpp"
 #include "src/common/error.hpp"
 #include "src/retriever/cuda_retriever.hpp"
 #include "src/retriever/synthetic.hpp"
@@ -26,11 +28,6 @@ using namespace flashmem;
 
 namespace {
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) fail(__FILE__, ":", __LINE__, ": ", #x, ": ", cudaGetErrorString(e_)); \
-  } while (0)
 
 double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -41,64 +38,6 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Device-to-device copy of 1 GiB, bytes read + written per second (best of 5).
-double measure_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a, *b;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  float best = 1e30f;
-  for (int i = 0; i < 6; ++i) {
-    CK(cudaEventRecord(e0));
-    CK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i) best = std::min(best, ms);
-  }
-  CK(cudaFree(a));
-  CK(cudaFree(b));
-  return 2.0 * bytes / (best * 1e-3);
-}
-
-// cuBLAS bf16 GEMM 8192^3 with f32 accumulation, FLOP/s (best of 5).
-double measure_bf16_rate() {
-  const int n = 8192;
-  void *a, *b, *c;
-  CK(cudaMalloc(&a, size_t{2} * n * n));
-  CK(cudaMalloc(&b, size_t{2} * n * n));
-  CK(cudaMalloc(&c, size_t{4} * n * n));
-  CK(cudaMemset(a, 0x3c, size_t{2} * n * n));  // not zeros: bf16 0x3c3c ~ 0.0115
-  CK(cudaMemset(b, 0x3c, size_t{2} * n * n));
-  cublasHandle_t h;
-  cublasCreate(&h);
-  const float one = 1, zero = 0;
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  float best = 1e30f;
-  for (int i = 0; i < 6; ++i) {
-    CK(cudaEventRecord(e0));
-    if (cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &zero, c,
-                     CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
-      fail("cublasGemmEx failed");
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i) best = std::min(best, ms);
-  }
-  cublasDestroy(h);
-  CK(cudaFree(a));
-  CK(cudaFree(b));
-  CK(cudaFree(c));
-  return 2.0 * n * n * static_cast<double>(n) / (best * 1e-3);
-}
 
 struct Anchor {
   double eager = 0, compiled = 0;
@@ -115,8 +54,8 @@ int main(int argc, char** argv) {
     }
     const int reps = argc > 1 ? std::atoi(argv[1]) : 30;
     cudaDeviceProp prop;
-    CK(cudaGetDeviceProperties(&prop, 0));
-    const double bw = measure_bandwidth(), rate = measure_bf16_rate();
+    FM_CUDA(cudaGetDeviceProperties(&prop, 0));
+    const double bw = bench::measure_device_copy_bandwidth(), rate = bench::measure_bf16_gemm_rate();
     std::printf("device: %s, %d SMs; measured copy bandwidth %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", prop.name,
                 prop.multiProcessorCount, bw / 1e9, rate / 1e12);
 
@@ -135,15 +74,15 @@ int main(int argc, char** argv) {
     const int64_t max_n = 1048576, max_b = 8;
     const std::vector<uint8_t> row = mock_compressed_keys(1, max_n, 42);
     size_t free0, total0;
-    CK(cudaMemGetInfo(&free0, &total0));
+    FM_CUDA(cudaMemGetInfo(&free0, &total0));
     uint8_t* d_keys;
-    CK(cudaMalloc(reinterpret_cast<void**>(&d_keys), row.size() * max_b));
-    for (int b = 0; b < max_b; ++b) CK(cudaMemcpy(d_keys + b * row.size(), row.data(), row.size(), cudaMemcpyHostToDevice));
+    FM_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_keys), row.size() * max_b));
+    for (int b = 0; b < max_b; ++b) FM_CUDA(cudaMemcpy(d_keys + b * row.size(), row.data(), row.size(), cudaMemcpyHostToDevice));
     std::vector<float> hidden(max_b * D);
     for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = pm1(77, 0, i) * 1.7f;
     float* d_hidden;
-    CK(cudaMalloc(reinterpret_cast<void**>(&d_hidden), hidden.size() * 4));
-    CK(cudaMemcpy(d_hidden, hidden.data(), hidden.size() * 4, cudaMemcpyHostToDevice));
+    FM_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_hidden), hidden.size() * 4));
+    FM_CUDA(cudaMemcpy(d_hidden, hidden.data(), hidden.size() * 4, cudaMemcpyHostToDevice));
 
     std::printf("\n%-7s %2s %8s %10s %10s %7s %10s %10s %9s\n", "mode", "B", "N", "ours ms", "floor ms", "ratio",
                 "ref eager", "ref comp.", "kept");
@@ -161,7 +100,7 @@ int main(int argc, char** argv) {
       opt.precision = v.precision;
       opt.max_position = 1048576;
       size_t free_before, total;
-      CK(cudaMemGetInfo(&free_before, &total));
+      FM_CUDA(cudaMemGetInfo(&free_before, &total));
       auto base = make_cuda_retriever(weights, opt);
       auto* r = dynamic_cast<CudaRetriever*>(base.get());
       const double weight_bytes = weights->parameter_bytes() / (v.precision == Precision::Fast ? 2.0 : 1.0);
@@ -180,7 +119,7 @@ int main(int argc, char** argv) {
             times.push_back(now_ms() - s);
           }
           long long kept = 0;
-          CK(cudaMemcpy(&kept, r->score_select_device(in, rule).kept_count, 8, cudaMemcpyDeviceToHost));
+          FM_CUDA(cudaMemcpy(&kept, r->score_select_device(in, rule).kept_count, 8, cudaMemcpyDeviceToHost));
           const double bytes = weight_bytes + B * N * (132.0 + 4.0 + 1.0);
           const double flops = static_cast<double>(B) * N * L * H * 128 * 2;
           const double floor = std::max(bytes / bw, flops / rate) * 1e3;
@@ -194,7 +133,7 @@ int main(int argc, char** argv) {
           std::fflush(stdout);
           if (B == 1 && N == max_n && main_variant) {
             size_t free_after;
-            CK(cudaMemGetInfo(&free_after, &total));
+            FM_CUDA(cudaMemGetInfo(&free_after, &total));
             const double keys = 132.0 * N, budget = weight_bytes + 1.2 * keys + 64.0 * 1024 * 1024;
             std::printf("  peak memory B=1 N=1M: retriever holds %.1f MB (+ caller's keys %.1f MB) = %.1f MB; "
                         "cudaMemGetInfo delta incl. cuBLAS/context %.1f MB + keys; budget weights + 1.2 keys + 64 MiB "
@@ -235,32 +174,32 @@ int main(int argc, char** argv) {
         // Device time alone (CUDA events around the score graph, no key check, no selection):
         // what is left of the wall clock above is host work, the sync and the selection.
         cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
+        FM_CUDA(cudaEventCreate(&e0));
+        FM_CUDA(cudaEventCreate(&e1));
         for (int64_t N : {int64_t{1}, int64_t{262144}, max_n}) {
           in.chunks = N;
           std::vector<double> dev;
           for (int i = 0; i < reps + 3; ++i) {
             r->synchronize();
-            CK(cudaEventRecord(e0, static_cast<cudaStream_t>(r->stream())));
+            FM_CUDA(cudaEventRecord(e0, static_cast<cudaStream_t>(r->stream())));
             r->score_device(in, false, false);
-            CK(cudaEventRecord(e1, static_cast<cudaStream_t>(r->stream())));
-            CK(cudaEventSynchronize(e1));
+            FM_CUDA(cudaEventRecord(e1, static_cast<cudaStream_t>(r->stream())));
+            FM_CUDA(cudaEventSynchronize(e1));
             float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
+            FM_CUDA(cudaEventElapsedTime(&ms, e0, e1));
             if (i >= 3) dev.push_back(ms);
           }
           std::printf("%-6s  1 %8lld %10.3f   (device time of the score graph, CUDA events)\n", v.name,
                       static_cast<long long>(N), median(dev));
         }
-        CK(cudaEventDestroy(e0));
-        CK(cudaEventDestroy(e1));
+        FM_CUDA(cudaEventDestroy(e0));
+        FM_CUDA(cudaEventDestroy(e1));
       }
     }
     std::printf("exact/fast: projections by our GEMV at B <= 4 (cuBLAS above); -c: cuBLAS GEMM (sgemm / bf16 GemmEx) "
                 "at every B; -v: cuBLAS sgemv at B = 1\n");
-    CK(cudaFree(d_keys));
-    CK(cudaFree(d_hidden));
+    FM_CUDA(cudaFree(d_keys));
+    FM_CUDA(cudaFree(d_hidden));
     (void)free0;
     return 0;
   } catch (const std::exception& e) {

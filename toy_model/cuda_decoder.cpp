@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "kernels/toy_decoder_kernels.hpp"
+#include "src/common/cuda_support.hpp"
 #include "src/common/error.hpp"
 #include "toy_model/decoder_internal.hpp"
 
@@ -19,69 +20,9 @@ namespace flashmem {
 namespace {
 namespace tk = kernels::toy;
 
-#define TOY_CUDA_CHECK(call)                                                                        \
-  do {                                                                                             \
-    const cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess) fail(__FILE__, ":", __LINE__, ": ", #call, ": ", cudaGetErrorString(err_)); \
-  } while (0)
-#define TOY_CUBLAS_CHECK(call)                                                                     \
-  do {                                                                                             \
-    const cublasStatus_t st_ = (call);                                                             \
-    if (st_ != CUBLAS_STATUS_SUCCESS) fail(__FILE__, ":", __LINE__, ": ", #call, ": cuBLAS status ", static_cast<int>(st_)); \
-  } while (0)
-
-// A device allocation that grows on demand (contents are not kept when it grows).
-template <typename T>
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  T* reserve(size_t count) {
-    if (count > capacity_) {
-      cudaFree(ptr_);
-      ptr_ = nullptr;
-      capacity_ = 0;
-      TOY_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<size_t>(count, 1) * sizeof(T)));
-      capacity_ = count;
-    }
-    return ptr_;
-  }
-  T* get() const { return ptr_; }
-
- private:
-  T* ptr_ = nullptr;
-  size_t capacity_ = 0;
-};
-
-// Pinned host staging, grows on demand.
-template <typename T>
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer() { cudaFreeHost(ptr_); }
-  T* reserve(size_t count) {
-    if (count > capacity_) {
-      cudaFreeHost(ptr_);
-      ptr_ = nullptr;
-      capacity_ = 0;
-      TOY_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&ptr_), std::max<size_t>(count, 1) * sizeof(T)));
-      capacity_ = count;
-    }
-    return ptr_;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  size_t capacity_ = 0;
-};
-
 template <typename T>
 void upload(DeviceBuffer<T>& dst, const std::vector<T>& src) {
-  TOY_CUDA_CHECK(cudaMemcpy(dst.reserve(src.size()), src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
+  FM_CUDA(cudaMemcpy(dst.reserve(src.size()), src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice));
 }
 
 struct DeviceLayer {
@@ -96,11 +37,11 @@ class CudaDecoder final : public Decoder {
     if (e != cudaSuccess || devices == 0)
       fail("--device cuda: no CUDA device (", e != cudaSuccess ? cudaGetErrorString(e) : "the runtime reports 0 devices", ")");
     if (const char* g = std::getenv("FLASHMEM_TOY_GEMM")) force_cublas_ = std::strcmp(g, "cublas") == 0;
-    TOY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    TOY_CUBLAS_CHECK(cublasCreate(&blas_));
-    TOY_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
+    FM_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    FM_CUBLAS(cublasCreate(&blas_));
+    FM_CUBLAS(cublasSetStream(blas_, stream_));
     // Default math: fp32 SGEMM, no TF32 (the fixture tokens need float32 products).
-    TOY_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
+    FM_CUBLAS(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
 
     const ToyDecoderWeights& w = *w_;
     const int64_t N = w.chunks, D = w.hidden;
@@ -125,7 +66,7 @@ class CudaDecoder final : public Decoder {
       // keys [N, D] = memory [N, D] * wk^T; values likewise (once for the whole run).
       linear(wk.get(), D, D, memory.get(), N, dst.keys.reserve(N * D), 0.0f);
       linear(wv.get(), D, D, memory.get(), N, dst.values.reserve(N * D), 0.0f);
-      TOY_CUDA_CHECK(cudaStreamSynchronize(stream_));  // before wk/wv are overwritten
+      FM_CUDA(cudaStreamSynchronize(stream_));  // before wk/wv are overwritten
     }
     plan_ = tk::memattn_plan(static_cast<int>(N));
   }
@@ -151,12 +92,12 @@ class CudaDecoder final : public Decoder {
     // Inputs: tokens and the keep-mask through pinned staging.
     int64_t* h_tok = h_tokens_.reserve(B);
     std::memcpy(h_tok, tokens.data(), B * sizeof(int64_t));
-    TOY_CUDA_CHECK(cudaMemcpyAsync(d_tokens_.reserve(B), h_tok, B * sizeof(int64_t), cudaMemcpyHostToDevice, stream_));
+    FM_CUDA(cudaMemcpyAsync(d_tokens_.reserve(B), h_tok, B * sizeof(int64_t), cudaMemcpyHostToDevice, stream_));
     if (!dense) {
       uint8_t* h_keep = h_keep_.reserve(B * N);
       std::memcpy(h_keep, keep.data(), B * N);
-      TOY_CUDA_CHECK(cudaMemcpyAsync(d_keep_.reserve(B * N), h_keep, B * N, cudaMemcpyHostToDevice, stream_));
-      TOY_CUDA_CHECK(tk::compact_keep(d_keep_.get(), static_cast<int>(B), static_cast<int>(N), d_idx_.reserve(B * N),
+      FM_CUDA(cudaMemcpyAsync(d_keep_.reserve(B * N), h_keep, B * N, cudaMemcpyHostToDevice, stream_));
+      FM_CUDA(tk::compact_keep(d_keep_.get(), static_cast<int>(B), static_cast<int>(N), d_idx_.reserve(B * N),
                                       d_count_.reserve(B), stream_));
     }
 
@@ -169,14 +110,14 @@ class CudaDecoder final : public Decoder {
     float* logits = d_logits_.reserve(B * V);
     int64_t* next = d_next_.reserve(B);
     float* probs = with_attention ? d_probs_.reserve(L * B * H * N) : nullptr;
-    if (probs) TOY_CUDA_CHECK(cudaMemsetAsync(probs, 0, L * B * H * N * sizeof(float), stream_));
+    if (probs) FM_CUDA(cudaMemsetAsync(probs, 0, L * B * H * N * sizeof(float), stream_));
     float* workspace = d_workspace_.reserve(tk::memattn_workspace_floats(plan_, static_cast<int>(B), static_cast<int>(H), static_cast<int>(hs)));
 
     const int b32 = static_cast<int>(B), d32 = static_cast<int>(D);
-    TOY_CUDA_CHECK(tk::embed_rows(embed_.get(), d_tokens_.get(), b32, d32, x, stream_));
+    FM_CUDA(tk::embed_rows(embed_.get(), d_tokens_.get(), b32, d32, x, stream_));
     for (int64_t l = 0; l < L; ++l) {
       DeviceLayer& layer = *layers_[l];
-      TOY_CUDA_CHECK(tk::rmsnorm_rows(x, layer.attn_norm.get(), b32, d32, xn, stream_));
+      FM_CUDA(tk::rmsnorm_rows(x, layer.attn_norm.get(), b32, d32, xn, stream_));
       linear(layer.wq.get(), D, D, xn, B, q, 0.0f);
       tk::MemAttnParams p{};
       p.q = q;
@@ -192,26 +133,26 @@ class CudaDecoder final : public Decoder {
       p.workspace = workspace;
       p.out = att;
       p.probs = probs ? probs + l * B * H * N : nullptr;
-      TOY_CUDA_CHECK(tk::memattn(p, stream_));
+      FM_CUDA(tk::memattn(p, stream_));
       linear(layer.wo.get(), D, D, att, B, x, 1.0f);  // x += wo * att (beta = 1)
-      TOY_CUDA_CHECK(tk::rmsnorm_rows(x, layer.mlp_norm.get(), b32, d32, xn, stream_));
+      FM_CUDA(tk::rmsnorm_rows(x, layer.mlp_norm.get(), b32, d32, xn, stream_));
       linear(layer.mlp_up.get(), 2 * D, D, xn, B, u, 0.0f);
-      TOY_CUDA_CHECK(tk::gelu_inplace(u, B * 2 * D, stream_));
+      FM_CUDA(tk::gelu_inplace(u, B * 2 * D, stream_));
       linear(layer.mlp_down.get(), D, 2 * D, u, B, x, 1.0f);  // x += mlp_down * gelu(...)
     }
-    TOY_CUDA_CHECK(tk::rmsnorm_rows(x, final_norm_.get(), b32, d32, hidden, stream_));
+    FM_CUDA(tk::rmsnorm_rows(x, final_norm_.get(), b32, d32, hidden, stream_));
     linear(lm_head_.get(), V, D, hidden, B, logits, 0.0f);
-    TOY_CUDA_CHECK(tk::argmax_rows(logits, b32, static_cast<int>(V), next, stream_));
+    FM_CUDA(tk::argmax_rows(logits, b32, static_cast<int>(V), next, stream_));
 
     // Outputs through pinned staging, one synchronisation.
     const size_t out_floats = B * D + B * V + (probs ? L * B * H * N : 0);
     float* h_out = h_out_.reserve(out_floats);
     int64_t* h_next = h_next_.reserve(B);
-    TOY_CUDA_CHECK(cudaMemcpyAsync(h_out, hidden, B * D * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    TOY_CUDA_CHECK(cudaMemcpyAsync(h_out + B * D, logits, B * V * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    if (probs) TOY_CUDA_CHECK(cudaMemcpyAsync(h_out + B * D + B * V, probs, L * B * H * N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    TOY_CUDA_CHECK(cudaMemcpyAsync(h_next, next, B * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
-    TOY_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    FM_CUDA(cudaMemcpyAsync(h_out, hidden, B * D * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    FM_CUDA(cudaMemcpyAsync(h_out + B * D, logits, B * V * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    if (probs) FM_CUDA(cudaMemcpyAsync(h_out + B * D + B * V, probs, L * B * H * N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    FM_CUDA(cudaMemcpyAsync(h_next, next, B * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
+    FM_CUDA(cudaStreamSynchronize(stream_));
     out.hidden.assign(h_out, h_out + B * D);
     out.logits.assign(h_out + B * D, h_out + B * D + B * V);
     if (probs) out.attention.assign(h_out + B * D + B * V, h_out + out_floats);
@@ -227,12 +168,12 @@ class CudaDecoder final : public Decoder {
   // both); FLASHMEM_TOY_GEMM=cublas forces cuBLAS everywhere.
   void linear(const float* W, int64_t out_dim, int64_t in_dim, const float* x, int64_t rows, float* y, float beta) {
     if (!force_cublas_ && rows <= tk::kSkinnyMaxRows && in_dim % 4 == 0) {
-      TOY_CUDA_CHECK(tk::skinny_linear(W, static_cast<int>(out_dim), static_cast<int>(in_dim), x, static_cast<int>(rows), y,
+      FM_CUDA(tk::skinny_linear(W, static_cast<int>(out_dim), static_cast<int>(in_dim), x, static_cast<int>(rows), y,
                                        beta, stream_));
       return;
     }
     const float alpha = 1.0f;
-    TOY_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim), static_cast<int>(rows),
+    FM_CUBLAS(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim), static_cast<int>(rows),
                                  static_cast<int>(in_dim), &alpha, W, static_cast<int>(in_dim), x, static_cast<int>(in_dim),
                                  &beta, y, static_cast<int>(out_dim)));
   }

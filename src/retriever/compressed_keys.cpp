@@ -61,17 +61,20 @@ void dequantize_chunk(const uint8_t* chunk, float* out) {
   for (int d = 0; d < kKeyDim; ++d) out[d] = table[chunk[d]] * scale;
 }
 
+void validate_chunk(const uint8_t* chunk, int64_t b, int64_t n, const char* what) {
+  float scale;
+  std::memcpy(&scale, chunk + kKeyDim, 4);
+  if (!std::isfinite(scale))
+    fail(what, ": scale of batch row ", b, " chunk ", n, " is ", scale, ", expected a finite float32");
+  for (int d = 0; d < kKeyDim; ++d)
+    if (fp8_e4m3fn_is_nan(chunk[d]))
+      fail(what, ": batch row ", b, " chunk ", n, " value ", d, " is an fp8 NaN byte (0x", std::hex,
+           static_cast<int>(chunk[d]), std::dec, "), expected a finite e4m3fn value");
+}
+
 void validate_compressed_keys(const CompressedKeysView& keys, const char* what) {
   for (int64_t b = 0; b < keys.batch; ++b)
-    for (int64_t n = 0; n < keys.chunks; ++n) {
-      const uint8_t* chunk = keys.chunk(b, n);
-      if (!std::isfinite(keys.scale(b, n)))
-        fail(what, ": scale of batch row ", b, " chunk ", n, " is ", keys.scale(b, n), ", expected a finite float32");
-      for (int d = 0; d < kKeyDim; ++d)
-        if (fp8_e4m3fn_is_nan(chunk[d]))
-          fail(what, ": batch row ", b, " chunk ", n, " value ", d, " is an fp8 NaN byte (0x", std::hex,
-               static_cast<int>(chunk[d]), std::dec, "), expected a finite e4m3fn value");
-    }
+    for (int64_t n = 0; n < keys.chunks; ++n) validate_chunk(keys.chunk(b, n), b, n, what);
 }
 
 }  // namespace flashmem

@@ -30,5 +30,7 @@ void dequantize_chunk(const uint8_t* chunk, float* out);
 
 // Throws Error naming the row and chunk of the first NaN fp8 byte or non-finite scale.
 void validate_compressed_keys(const CompressedKeysView& keys, const char* what = "compressed_k");
+// The same check for one chunk (b, n): the message every backend gives for a bad chunk.
+void validate_chunk(const uint8_t* chunk, int64_t b, int64_t n, const char* what = "compressed_k");
 
 }  // namespace flashmem

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/retriever_kernels.hpp"
+#include "src/common/cuda_support.hpp"
 #include "src/common/error.hpp"
 #include "src/numerics/bf16.hpp"
 #include "src/numerics/fp8.hpp"
@@ -25,112 +26,6 @@
 namespace flashmem {
 
 namespace {
-
-void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
-  if (err != cudaSuccess)
-    fail(file, ":", line, ": CUDA call failed: ", what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
-}
-
-const char* cublas_name(cublasStatus_t s) {
-  switch (s) {
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    default: return "cuBLAS error";
-  }
-}
-
-void check_cublas(cublasStatus_t s, const char* what, const char* file, int line) {
-  if (s != CUBLAS_STATUS_SUCCESS) fail(file, ":", line, ": cuBLAS call failed: ", what, ": ", cublas_name(s), " (", static_cast<int>(s), ")");
-}
-
-#define FM_CUDA(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
-#define FM_CUBLAS(expr) check_cublas((expr), #expr, __FILE__, __LINE__)
-
-constexpr double kMiB = 1024.0 * 1024.0;
-
-// A grow-only device buffer: reallocated only when a call needs more than it holds.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
-  }
-  // Ensures at least `bytes`; `what` names the buffer in the out-of-memory error.
-  void* reserve(size_t bytes, const char* what, size_t* total) {
-    if (bytes <= size_) return ptr_;
-    if (ptr_) {
-      FM_CUDA(cudaFree(ptr_));
-      *total -= size_;
-      ptr_ = nullptr;
-      size_ = 0;
-    }
-    size_t free_bytes = 0, total_bytes = 0;
-    FM_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
-    if (bytes > free_bytes)
-      fail("cuda retriever: ", what, " needs ", bytes, " bytes (", bytes / kMiB, " MiB) of device memory but only ",
-           free_bytes / kMiB, " MiB are free");
-    const cudaError_t err = cudaMalloc(&ptr_, bytes);
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky-free allocation error
-      ptr_ = nullptr;
-      fail("cuda retriever: ", what, " needs ", bytes, " bytes (", bytes / kMiB, " MiB) of device memory: cudaMalloc failed (",
-           cudaGetErrorString(err), ")");
-    }
-    size_ = bytes;
-    *total += bytes;
-    return ptr_;
-  }
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr_); }
-  size_t size() const { return size_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t size_ = 0;
-};
-
-// Pinned, device-mapped host staging (small per-call inputs and outputs): kernels read and
-// write it directly, which saves a copy-engine transfer (~8 us each for tiny copies).
-class PinnedBuffer {
- public:
-  ~PinnedBuffer() {
-    if (ptr_) cudaFreeHost(ptr_);
-  }
-  void* reserve(size_t bytes) {
-    if (bytes <= size_) return ptr_;
-    if (ptr_) FM_CUDA(cudaFreeHost(ptr_));
-    ptr_ = nullptr;
-    FM_CUDA(cudaHostAlloc(&ptr_, bytes, cudaHostAllocMapped));
-    FM_CUDA(cudaHostGetDevicePointer(&device_ptr_, ptr_, 0));
-    size_ = bytes;
-    return ptr_;
-  }
-  void* device_ptr() const { return device_ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  void* device_ptr_ = nullptr;
-  size_t size_ = 0;
-};
-
-// The CPU backend's message for a bad chunk (validate_compressed_keys), for one chunk.
-[[noreturn]] void fail_bad_chunk(const uint8_t* chunk, int64_t b, int64_t n) {
-  float scale;
-  std::memcpy(&scale, chunk + kKeyDim, 4);
-  if (!std::isfinite(scale))
-    fail("compressed_k: scale of batch row ", b, " chunk ", n, " is ", scale, ", expected a finite float32");
-  for (int d = 0; d < kKeyDim; ++d)
-    if (fp8_e4m3fn_is_nan(chunk[d]))
-      fail("compressed_k: batch row ", b, " chunk ", n, " value ", d, " is an fp8 NaN byte (0x", std::hex,
-           static_cast<int>(chunk[d]), std::dec, "), expected a finite e4m3fn value");
-  fail("compressed_k: batch row ", b, " chunk ", n, " is invalid");
-}
 
 class CudaRetrieverImpl final : public CudaRetriever {
  public:
@@ -330,7 +225,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
     if (host_keys) std::memcpy(chunk, host_keys->chunk(b, n), kChunkBytes);
     else FM_CUDA(cudaMemcpy(chunk, device_keys + first * kChunkBytes, kChunkBytes, cudaMemcpyDeviceToHost));
     (void)B;
-    fail_bad_chunk(chunk, b, n);
+    validate_chunk(chunk, b, n);
+    fail("compressed_k: batch row ", b, " chunk ", n, " was flagged by the device check but looks valid");
   }
 
   // A selection's rule and buffers (prepare_selection reserves them; enqueue_selection runs it).
@@ -355,7 +251,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     s.out.kept_count = static_cast<long long*>(d_count_.reserve(B * sizeof(long long), "the kept counts", &bytes_));
     if (rule.kind == SelectRule::Kind::Threshold) {
       s.scratch_bytes = kernels::threshold_scratch_bytes(B, N);
-      if (s.scratch_bytes > d_threshold_scratch_.size()) {  // a new buffer: zero its tickets once
+      if (s.scratch_bytes > d_threshold_scratch_.size_bytes()) {  // a new buffer: zero its tickets once
         void* fresh = d_threshold_scratch_.reserve(s.scratch_bytes, "the threshold selection scratch", &bytes_);
         FM_CUDA(cudaMemsetAsync(fresh, 0, s.scratch_bytes, stream_));
       }
@@ -551,10 +447,10 @@ class CudaRetrieverImpl final : public CudaRetriever {
   size_t bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
-  DeviceBuffer workspace_, d_wa_, d_wb_, d_qnorm_;
-  DeviceBuffer d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_scores_, d_logits_,
+  DeviceBuffer<> workspace_, d_wa_, d_wb_, d_qnorm_;
+  DeviceBuffer<> d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_scores_, d_logits_,
       d_bad_, d_keep_, d_count_, d_top_, d_topk_scratch_, d_threshold_scratch_;
-  PinnedBuffer pinned_angles_, pinned_bad_;
+  PinnedBuffer<> pinned_angles_, pinned_bad_;
   unsigned long long* bad_flag_ = nullptr;  // [0]: the flag, [1]: the scoring kernel's block counter
   cudaGraphExec_t graph_exec_ = nullptr;
   Launch graph_launch_{};
