@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 build=${1:-build}
 out=${OUT:-/tmp}
 export FLASHMEM_TEST_DATA=$PWD/tests/data
+export FLASHMEM_BIN=$PWD/$build/src/cli/flashmem  # for the CLI suite
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 passed=0 failed=0 skipped=0
