@@ -115,10 +115,12 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
     frexpf(amax, &ex);
     e = min(15 - ex, 100);
   }
-  const int hg = h / 8, g = h % 8, tq = lane / 8, kk = lane % 8;
-  const int Hp = (H + 7) / 8 * 8;
+  // Dims 4*lane .. +3: K block lane / 16, 16-byte chunk (lane % 16) / 2 at position
+  // chunk ^ (h % 8), half (lane % 2) of it (the swizzled image of retriever_kernels.hpp).
+  const int Hp = padded_heads(H), kb = lane / 16, chunk = (lane % 16) / 2;
   __half* dst = qfrag + (static_cast<int64_t>(b) * L + l) * (static_cast<int64_t>(Hp) * kHeadDim * TERMS) +
-                (static_cast<int64_t>((hg * 8 + kk) * 32 + g * 4 + tq)) * TERMS * 4;
+                (static_cast<int64_t>(kb) * Hp + h) * 64 + ((chunk ^ (h % 8)) * 8) + (lane % 2) * 4;
+  const int64_t lo_offset = static_cast<int64_t>(Hp) * kHeadDim;  // the lo term's image follows hi's
   __half hi[4], lo[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
     lo[j] = __float2half_rn(s - __half2float(hi[j]));
   }
   *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(hi);
-  if (TERMS == 2) *reinterpret_cast<uint2*>(dst + 4) = *reinterpret_cast<const uint2*>(lo);
+  if (TERMS == 2) *reinterpret_cast<uint2*>(dst + lo_offset) = *reinterpret_cast<const uint2*>(lo);
   if (lane == 0) {
     const float fused = __fmul_rn(proj[b * P + l * stride + R + h], head_scale);
     w_scaled[(static_cast<int64_t>(b) * L + l) * Hp + h] = ldexpf(fused, -e);

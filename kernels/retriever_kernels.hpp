@@ -14,17 +14,19 @@ namespace flashmem::kernels {
 
 constexpr int kHeadDim = 128;
 constexpr int kChunkBytes = 132;       // 128 fp8 e4m3fn + float32 scale
-constexpr int kScoreTileChunks = 256;  // chunks per block iteration (8 warps x 32)
+constexpr int kHeadTile = 128;         // heads per wgmma (its N)
 
-// Heads are padded to a multiple of 8 (one mma N-tile): padded heads have q = 0, w = 0.
-inline int padded_heads(int H) { return (H + 7) / 8 * 8; }
+// Heads are padded to a multiple of kHeadTile (one wgmma N-tile): padded heads have q = 0, w = 0.
+__host__ __device__ inline int padded_heads(int H) { return (H + kHeadTile - 1) / kHeadTile * kHeadTile; }
 
 // Query fragments: per row b and layer l, the Hadamard-rotated query scaled per head by a
 // power of two 2^e_h (so the largest |value| of the head lies in [2^14, 2^15)) and split into
-// `terms` fp16 parts (hi = fp16(q'), lo = fp16(q' - hi)), stored in the mma.sync B-fragment
-// order [hg = Hp/8][kk 8][lane 32][terms][4 halves] (see score_kernel.cu). The head weight
+// `terms` fp16 parts (hi = fp16(q'), lo = fp16(q' - hi)), stored as the scoring kernel's
+// shared-memory image of the wgmma B operand: [terms][K block 2][head Hp][64 halves], the
+// 16-byte chunk c of head h's 64 dims at position c ^ (h % 8) (128-byte swizzle; see
+// score_kernel.cu). The head weight
 // fused_w[h] * 2^-e_h is stored beside it in w_scaled [B, L, Hp]. Padded slots must be zero
-// (the caller zeroes both buffers when H % 8 != 0).
+// (the caller zeroes both buffers when Hp != H).
 inline int64_t query_fragment_halves(int H, int terms) { return static_cast<int64_t>(padded_heads(H)) * 128 * terms; }
 
 // Small-batch projection for B <= kGemvMaxBatch (gemv_kernel.cu): for z < Z,

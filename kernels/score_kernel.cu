@@ -4,30 +4,39 @@
 //
 //   logit[l, b, n] = sum_h relu(s_bn * (q[b, l, h, :] . k8[b, n, :])) * w[b, l, h]
 //
-// Layout of the matmul: chunks are M, heads N, the 128 key dims K; mma.sync m16n8k16 f16
-// inputs, f32 accumulators. A block (8 warps) owns a tile of 256 chunks: it copies the tile's
-// 132-byte rows once into shared memory (cp.async), each warp turns its 32 rows into
-// A fragments held in registers (fp8 -> f16 is exact), and scores them against every layer's
-// query (all heads) from shared memory. relu, the head weights, the head sum, the scale,
-// sigmoid and the max/mean ensemble stay in registers; only [B, N] scores (and per-layer
-// logits on request) reach device memory.
+// Layout of the matmul: chunks are M, heads N, the 128 key dims K; Hopper warpgroup MMA
+// (wgmma m64n128k16, sm_90a) with both operands in shared memory, f16 inputs, f32
+// accumulators. A block (4 warpgroups) owns a tile of 256 chunks: it copies the tile's 132-byte
+// rows once into shared memory (cp.async), each warpgroup converts its 64 rows to f16 (fp8 ->
+// f16 is exact) into a 128-byte-swizzled K-major A tile, and scores them against every
+// layer's query (all heads, staged once per batch row in the same swizzled layout by
+// finish_queries) with 8 wgmma per layer and 128-head tile (16 in exact mode). relu, the
+// head weights, the head sum, the scale, sigmoid and the max/mean ensemble stay in
+// registers; only [B, N] scores (and per-layer logits on request) reach device memory.
 //
 // NOTES:
-// - K order: mma's logical k (2tq, 2tq+1 | 2tq+8, 2tq+9) of k-step kk maps to physical key dims
-//   (32tq + 4kk + {0,1} | {2,3}); one 4-byte shared load per row gives a thread both pairs,
-//   and the query fragments are written in the same order (query_kernels.cu). The 132-byte
-//   row stride (33 words) makes these loads bank-conflict free.
+// - Swizzle: row r of a 64-wide K block (128 bytes) holds its 16-byte chunk c at position
+//   c ^ (r % 8), the hardware's 128B pattern; a k-step of 16 advances the descriptor's start
+//   address by 32 bytes inside the block (the swizzle is applied to the final address).
 // - Exact mode: q' = q * 2^e_h is split into fp16 hi + lo (22 significant bits); keys are exact
-//   in fp16; products are exact and sums are f32. Fast mode: hi only (11 bits).
+//   in fp16; products are exact and sums are f32 (two wgmma per k-step into one accumulator).
+//   Fast mode: hi only (11 bits).
 // - The chunk scale is applied after the dot product: relu(s*d) = |s| * relu(sign(s)*d), and
 //   sign(s)*d is obtained by flipping the fp8 sign bits of chunks with a negative scale.
 // - Per-head 2^-e_h is folded into w (exact power-of-two scaling).
+// - One accumulator set per warpgroup, waited for before its epilogue: the other warpgroups'
+//   wgmma keep the tensor cores busy meanwhile. Measured (H100, fast B 1 N 1M, device time):
+//   2 warpgroups 0.410 ms, 3: 0.367, 4: 0.349; 2-3 key tiles in flight instead of 1 gained
+//   nothing (2 warpgroups: 0.414-0.423), so kStages stays 1; with 4 warpgroups a second
+//   33 KB tile would not fit beside fast mode's three query layers (96 KB) and the A tiles.
+// - Exact mode's two query terms take 64 KB a layer: one layer per pass (3 passes over the keys).
+//   Two accumulator sets per warpgroup (next item's wgmma under this item's epilogue) made
+//   ptxas serialize the wgmma (C7514), so it was dropped.
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
 #include <climits>
-#include <type_traits>
 
 #include "kernels/pdl.cuh"
 #include "kernels/retriever_kernels.hpp"
@@ -36,22 +45,35 @@ namespace flashmem::kernels {
 
 namespace {
 
-constexpr int kWarps = 8, kThreads = kWarps * 32;
-constexpr int kWarpChunks = 32;  // two m16 tiles per warp: each B fragment feeds two mma
-static_assert(kWarps * kWarpChunks == kScoreTileChunks, "a tile is 8 warps x 32 chunks");
-constexpr int kTileBytes = kScoreTileChunks * kChunkBytes + 16;  // +16: the tile starts at src % 16
-static_assert((kScoreTileChunks * kChunkBytes) % 16 == 0, "tiles of a row start 16-byte apart");
-static_assert(kHeadDim == 8 * 16, "8 k-steps of 16");
+constexpr int kWarpGroups = 4, kThreads = kWarpGroups * 128;  // 128 registers a thread at most
+constexpr int kStages = 1;     // raw key tiles in flight (see NOTES)
+constexpr int kGroupRows = 64;  // wgmma M
+constexpr int kTileChunks = kWarpGroups * kGroupRows;
+static_assert(kTileChunks == 256 && kThreads == 512, "a tile is 4 warpgroups x 64 chunks");
+static_assert(kStages >= 1, "at least the tile being converted");
+static_assert(kHeadTile == 128, "wgmma m64n128: 64 f32 accumulators per thread");
+static_assert(kHeadDim == 2 * 64, "two 128-byte swizzle blocks of 64 f16 per row");
+constexpr int kSwizzleBlock = 128;                                   // bytes of one row of a K block
+constexpr int kATileBytes = 2 * kGroupRows * kSwizzleBlock;          // one warpgroup's f16 A tile
+constexpr int kTileBytes = (kTileChunks * kChunkBytes + 16 + 15) / 16 * 16;      // +16: the tile starts at src % 16
+static_assert((kTileChunks * kChunkBytes) % 16 == 0, "tiles of a row start 16-byte apart");
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in dynamic shared memory per block
-constexpr int kGroupsInFlight = 4;  // head groups per pass of the mma loop (see head_groups)
-static_assert(kGroupsInFlight >= 1 && kGroupsInFlight <= 4, "accumulators: 8 registers per head group");
 
-// Bytes of shared memory for the queries of one layer: HG head groups x 8 k-steps x 32 lanes
-// x terms x 8 bytes.
-__host__ __device__ constexpr int query_layer_bytes(int HG, int terms) { return HG * 8 * 32 * terms * 8; }
+// Bytes of shared memory for the queries of one layer: terms x 2 K blocks x Hp rows x 128.
+__host__ __device__ constexpr int query_layer_bytes(int Hp, int terms) { return terms * 2 * Hp * kSwizzleBlock; }
 
-int smem_bytes(int HG, int layers, int terms) {
-  return layers * query_layer_bytes(HG, terms) + (layers * HG * 8 * 4 + 15) / 16 * 16 + kTileBytes;
+struct SmemLayout {
+  int q, a, w, scale, tile, total;  // offsets from the 1024-aligned base; total includes the slack
+};
+__host__ __device__ constexpr SmemLayout smem_layout(int Hp, int layers, int terms) {
+  SmemLayout s{};
+  s.q = 0;
+  s.a = layers * query_layer_bytes(Hp, terms);  // a multiple of 1024 (Hp % 128 == 0)
+  s.w = s.a + kWarpGroups * kATileBytes;
+  s.scale = s.w + (layers * Hp * 4 + 15) / 16 * 16;
+  s.tile = s.scale + kTileChunks * 4;
+  s.total = s.tile + kStages * kTileBytes + 1024;  // +1024: the dynamic base is aligned up to 1024
+  return s;
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -64,6 +86,10 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async) visible to wgmma.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Copies `bytes` (a multiple of 4) from src (4-byte aligned) to tile + src % 16: 16-byte
 // copies for the aligned body, 4-byte ones for the ragged head and tail.
@@ -88,83 +114,109 @@ __device__ __forceinline__ bool has_fp8_nan(uint32_t w) {
   return ((t - 0x01010101u) & ~t & 0x80808080u) != 0;
 }
 
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(p));
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Keeps the compiler from moving accumulator reads/writes across the async MMA boundaries.
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (+)= A[64 x 16] * B[16 x 128]^T, both from shared memory; accumulate = false overwrites d.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
 
-// NG head groups [hg0, hg0 + NG) of one layer against the warp's two m16 tiles, each group
-// with its own accumulators: 2 * NG independent mma chains per warp (one block of 8 warps per
-// SM leaves 2 warps per scheduler, too few to hide the mma latency with 2 chains each).
-// Adds relu(acc) * w into part[mt][half] (this thread's partial head sum).
-template <int TERMS, int NG, typename QVec>
-__device__ __forceinline__ void head_groups(const uint32_t (&A)[2][8][4], const QVec* ql, const float* wl, int hg0,
-                                            int lane, int tq, float (&part)[2][2]) {
-  float acc[NG][2][4];
+// Issues (without waiting) the wgmma of one (layer, head tile) item: 8 k-steps x TERMS.
+// a: this warpgroup's A tile; q: the layer's query image; Hp: padded heads (rows of a K block).
+template <int TERMS>
+__device__ __forceinline__ void issue_item(float (&d)[64], const uint8_t* a, const uint8_t* q, int Hp, int nt) {
+  fence_operands(d);
+  wgmma_fence();
 #pragma unroll
-  for (int g = 0; g < NG; ++g)
+  for (int kk = 0; kk < 8; ++kk) {
+    const int kb = kk / 4, koff = (kk % 4) * 32;  // K block, byte offset inside the 128-byte row
+    const uint64_t da = smem_desc(a + kb * kGroupRows * kSwizzleBlock + koff);
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[g][mt][i] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      const QVec v = ql[((hg0 + g) * 8 + kk) * 32 + lane];
-      mma16816(acc[g][0], A[0][kk], v.x, v.y);
-      mma16816(acc[g][1], A[1][kk], v.x, v.y);
-      if constexpr (TERMS == 2) {
-        mma16816(acc[g][0], A[0][kk], v.z, v.w);
-        mma16816(acc[g][1], A[1][kk], v.z, v.w);
-      }
+    for (int t = 0; t < TERMS; ++t) {
+      const uint8_t* qb = q + (t * 2 + kb) * Hp * kSwizzleBlock + nt * kHeadTile * kSwizzleBlock + koff;
+      wgmma_m64n128k16(d, da, smem_desc(qb), kk > 0 || t > 0);
     }
+  }
+  wgmma_commit();
+}
+
+// Adds relu(d) * w into part[half] (this thread's partial head sum for rows g and g + 8):
+// d[4j + {0,1}] is row g, heads 8j + 2tq + {0,1}; d[4j + {2,3}] the same heads of row g + 8.
+__device__ __forceinline__ void head_sum(float (&d)[64], const float* wl, int tq, float (&part)[2]) {
+  fence_operands(d);
 #pragma unroll
-  for (int g = 0; g < NG; ++g) {
-    const float2 w = reinterpret_cast<const float2*>(wl + (hg0 + g) * 8)[tq];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      part[mt][0] += fmaxf(acc[g][mt][0], 0.0f) * w.x + fmaxf(acc[g][mt][1], 0.0f) * w.y;
-      part[mt][1] += fmaxf(acc[g][mt][2], 0.0f) * w.x + fmaxf(acc[g][mt][3], 0.0f) * w.y;
-    }
+  for (int j = 0; j < 16; ++j) {
+    const float2 w = reinterpret_cast<const float2*>(wl + 8 * j)[tq];
+    part[0] += fmaxf(d[4 * j], 0.0f) * w.x + fmaxf(d[4 * j + 1], 0.0f) * w.y;
+    part[1] += fmaxf(d[4 * j + 2], 0.0f) * w.x + fmaxf(d[4 * j + 3], 0.0f) * w.y;
   }
 }
 
 // Contract: see ScoreParams. Grid: persistent, at most one block per SM; block k owns the
 // contiguous units [k*U/G, (k+1)*U/G) of U = B * ceil(N/256) tiles (row-major), so its
-// query is reloaded only when its row changes. 256 threads, 1 block/SM (shared memory).
+// query is reloaded only when its row changes. 512 threads (4 warpgroups), 1 block/SM.
 template <int TERMS>
 __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p, int64_t tiles_per_row, int64_t units) {
   static_assert(TERMS == 1 || TERMS == 2, "fp16 hi (fast) or hi + lo (exact)");
   allow_dependents();
-  using QVec = typename std::conditional<TERMS == 2, uint4, uint2>::type;  // one lane's B fragments
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int HG = (p.heads + 7) / 8, Hp = HG * 8, LC = p.layer_count;
-  const int q_bytes = LC * query_layer_bytes(HG, TERMS);
-  const QVec* sq = reinterpret_cast<const QVec*>(smem);
-  float* sw = reinterpret_cast<float*>(smem + q_bytes);
-  uint8_t* stile = smem + q_bytes + (LC * Hp * 4 + 15) / 16 * 16;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const int Hp = padded_heads(p.heads), NT = Hp / kHeadTile, LC = p.layer_count;
+  const SmemLayout L = smem_layout(Hp, LC, TERMS);
+  const int q_bytes = L.a;
+  float* sw = reinterpret_cast<float*>(smem + L.w);
+  float* sscale = reinterpret_cast<float*>(smem + L.scale);
+  uint8_t* stile = smem + L.tile;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const int wg = threadIdx.x / 128, wt = threadIdx.x % 128;  // warpgroup, thread in it
+  const int warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  uint8_t* atile = smem + L.a + wg * kATileBytes;
   const int64_t N = p.chunks;
   const int64_t u_begin = blockIdx.x * units / gridDim.x, u_end = (blockIdx.x + 1) * units / gridDim.x;
 
   auto src_of = [&](int64_t u, int64_t& b, int64_t& n0, int& cnt) {
     b = u / tiles_per_row;
-    n0 = (u % tiles_per_row) * kScoreTileChunks;
-    cnt = static_cast<int>(N - n0 < kScoreTileChunks ? N - n0 : kScoreTileChunks);
+    n0 = (u % tiles_per_row) * kTileChunks;
+    cnt = static_cast<int>(N - n0 < kTileChunks ? N - n0 : kTileChunks);
     return p.keys + (b * N + n0) * kChunkBytes;
   };
-  if (u_begin < u_end) {  // every block has a unit when grid <= units; guarded all the same
-    int64_t b, n0;
-    int cnt;
-    const uint8_t* src = src_of(u_begin, b, n0, cnt);
-    load_tile(stile, src, cnt * kChunkBytes);
+  auto prefetch = [&](int64_t u) {  // one cp.async group per call (empty past the end)
+    if (u < u_end) {
+      int64_t b, n0;
+      int cnt;
+      const uint8_t* src = src_of(u, b, n0, cnt);
+      load_tile(stile + ((u - u_begin) % kStages) * kTileBytes, src, cnt * kChunkBytes);
+    }
     cp_async_commit();
-  }
+  };
+  for (int s = 0; s < kStages; ++s) prefetch(u_begin + s);
   // The first key tile is in flight (keys are the caller's); everything below reads or writes
   // what the kernels ahead of this one produce (queries, earlier passes' scores, the flag).
   grid_dependency_wait();
@@ -173,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     int64_t b, n0;
     int cnt;
     const uint8_t* src = src_of(u, b, n0, cnt);
-    if (b != cur_b) {  // this row's queries and head weights into shared memory
+    if (b != cur_b) {  // this row's query images and head weights into shared memory
       __syncthreads();
       const uint4* gq = reinterpret_cast<const uint4*>(static_cast<const __half*>(p.qfrag) +
                                                        (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp) *
@@ -183,91 +235,86 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       const float* gw = p.w_scaled + (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp);
       for (int i = threadIdx.x; i < LC * Hp; i += kThreads) sw[i] = gw[i];
       cur_b = b;
+      cp_async_wait_all();
+    } else {
+      cp_async_wait_group<kStages - 1>();  // tile u; later tiles may stay in flight
     }
-    cp_async_wait_all();
     __syncthreads();
 
-    // Step 1: A fragments of this warp's 32 rows, with the sign of the scale folded in.
-    const uint8_t* t = stile + (reinterpret_cast<uintptr_t>(src) & 15);
-    uint32_t A[2][8][4];
-    float sc[2][2];
-    int bad_row = INT_MAX;
+    // Step 1: this warpgroup's 64 rows to f16 in the swizzled A tile (thread: half a row, one
+    // K block), the sign of the scale folded in, |scale| to shared memory, NaN check.
+    {
+      const int r = wt / 2, kb = wt % 2, row = wg * kGroupRows + r;
+      const uint8_t* t = stile + ((u - u_begin) % kStages) * kTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
+                         row * kChunkBytes;
+      const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
+      const bool valid = row < cnt;
+      const uint32_t flip = scale < 0.0f ? 0x80808080u : 0u;
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(t + 64 * kb);
+      uint8_t* dst = atile + kb * kGroupRows * kSwizzleBlock + r * kSwizzleBlock;
+      bool bad = !isfinite(scale);
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = warp * kWarpChunks + mt * 16 + g + 8 * half;
-        const uint8_t* row = t + r * kChunkBytes;
-        const float scale = *reinterpret_cast<const float*>(row + kHeadDim);
-        const bool valid = r < cnt;
-        bool bad = !isfinite(scale);
-        sc[mt][half] = fabsf(scale);
-        const uint32_t flip = scale < 0.0f ? 0x80808080u : 0u;
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          const uint32_t w = *reinterpret_cast<const uint32_t*>(row + 32 * tq + 4 * kk);
-          bad |= has_fp8_nan(w);
-          A[mt][kk][half] = fp8x2_to_f16x2((w ^ flip) & 0xFFFFu);
-          A[mt][kk][2 + half] = fp8x2_to_f16x2((w ^ flip) >> 16);
-        }
-        if (valid && bad) bad_row = min(bad_row, r);
+      for (int i = 0; i < 8; ++i) {
+        const int c = i ^ (kb << 2);  // the two K-block halves of a row hit different banks
+        const uint32_t w0 = valid ? words[2 * c] : 0u, w1 = valid ? words[2 * c + 1] : 0u;
+        bad |= has_fp8_nan(w0) | has_fp8_nan(w1);
+        const uint4 v = make_uint4(fp8x2_to_f16x2((w0 ^ flip) & 0xFFFFu), fp8x2_to_f16x2((w0 ^ flip) >> 16),
+                                   fp8x2_to_f16x2((w1 ^ flip) & 0xFFFFu), fp8x2_to_f16x2((w1 ^ flip) >> 16));
+        *reinterpret_cast<uint4*>(dst + ((c ^ (r % 8)) * 16)) = v;
       }
-    if (bad_row != INT_MAX) atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + n0 + bad_row));
-    __syncthreads();  // the tile buffer is free: prefetch the next tile behind the math
-    if (u + 1 < u_end) {
-      int64_t b1, n1;
-      int cnt1;
-      const uint8_t* src1 = src_of(u + 1, b1, n1, cnt1);
-      load_tile(stile, src1, cnt1 * kChunkBytes);
-      cp_async_commit();
+      if (valid && bad) atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + n0 + row));
+      if (kb == 0) sscale[row] = valid ? fabsf(scale) : 0.0f;
     }
+    fence_async_shared();  // the A tile and the cp.async'd queries, for wgmma
+    __syncthreads();       // the raw tile buffer is free: prefetch the next tile behind the math
+    prefetch(u + kStages);
 
-    // Step 2: every layer (all heads) against the fragments; ensemble in registers.
-    float ens[2][2];
+    // Step 2: every (layer, head tile) item against the A tile; a layer's logit, sigmoid and
+    // ensemble after its last head tile.
+    const int r0 = wg * kGroupRows + warp * 16 + g;  // this thread's rows r0, r0 + 8
+    float ens[2], part[2] = {0.0f, 0.0f};
+    const float sc[2] = {sscale[r0], sscale[r0 + 8]};
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = warp * kWarpChunks + mt * 16 + g + 8 * half;
-        ens[mt][half] = (!p.first_pass && r < cnt) ? p.scores[b * N + n0 + r] : 0.0f;
-      }
-    for (int l = 0; l < LC; ++l) {
-      const QVec* ql = sq + l * (HG * 8 * 32);
-      const float* wl = sw + l * Hp;
-      float part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-      int hg = 0;
-      for (; hg + kGroupsInFlight <= HG; hg += kGroupsInFlight)
-        head_groups<TERMS, kGroupsInFlight>(A, ql, wl, hg, lane, tq, part);
-      for (; hg < HG; ++hg) head_groups<TERMS, 1>(A, ql, wl, hg, lane, tq, part);
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + 8 * half;
+      ens[half] = (!p.first_pass && r < cnt) ? p.scores[b * N + n0 + r] : 0.0f;
+    }
+    auto finish_item = [&](float (&d)[64], int item) {
+      const int l = item / NT, nt = item % NT;
+      head_sum(d, sw + l * Hp + nt * kHeadTile, tq, part);
+      if (nt != NT - 1) return;
       const bool first_layer = p.first_pass && l == 0;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float v = part[mt][half];
-          v += __shfl_xor_sync(0xffffffffu, v, 1);
-          v += __shfl_xor_sync(0xffffffffu, v, 2);
-          const float logit = v * sc[mt][half];
-          const float s = sigmoid(logit);
-          if (first_layer) ens[mt][half] = s;
-          else if (p.ensemble_mean) ens[mt][half] = __fadd_rn(ens[mt][half], s);
-          else ens[mt][half] = fmaxf(ens[mt][half], s);
-          const int r = warp * kWarpChunks + mt * 16 + g + 8 * half;
-          if (p.layer_logits && tq == 0 && r < cnt)
-            p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch + b) * N + n0 + r] = logit;
-        }
+      for (int half = 0; half < 2; ++half) {
+        float v = part[half];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        part[half] = 0.0f;
+        const float logit = v * sc[half];
+        const float s = sigmoid(logit);
+        if (first_layer) ens[half] = s;
+        else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s);
+        else ens[half] = fmaxf(ens[half], s);
+        const int r = r0 + 8 * half;
+        if (p.layer_logits && tq == 0 && r < cnt)
+          p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch + b) * N + n0 + r] = logit;
+      }
+    };
+    float acc[64];
+    for (int item = 0; item < LC * NT; ++item) {
+      issue_item<TERMS>(acc, atile, smem + (item / NT) * query_layer_bytes(Hp, TERMS), Hp, item % NT);
+      wgmma_wait<0>();
+      finish_item(acc, item);
     }
     if (tq == 0) {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = warp * kWarpChunks + mt * 16 + g + 8 * half;
-          if (r >= cnt) continue;
-          float v = ens[mt][half];
-          if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
-          p.scores[b * N + n0 + r] = v;
-        }
+      for (int half = 0; half < 2; ++half) {
+        const int r = r0 + 8 * half;
+        if (r >= cnt) continue;
+        float v = ens[half];
+        if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
+        p.scores[b * N + n0 + r] = v;
+      }
     }
   }
 
@@ -289,9 +336,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
 }  // namespace
 
 int score_max_layers_per_pass(int H, int terms) {
-  const int HG = (H + 7) / 8;
+  const int Hp = padded_heads(H);
   int layers = 0;
-  while (smem_bytes(HG, layers + 1, terms) <= kSmemLimit) ++layers;
+  while (smem_layout(Hp, layers + 1, terms).total <= kSmemLimit) ++layers;
   return layers;
 }
 
@@ -300,10 +347,10 @@ cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream
   if (p.layer_count <= 0 || p.layer_count > score_max_layers_per_pass(p.heads, p.terms)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.keys) % 4 != 0) return cudaErrorMisalignedAddress;
   if (!p.bad_chunk || (p.last_pass && (!p.bad_chunk_out || !p.blocks_done))) return cudaErrorInvalidValue;
-  const int64_t tiles_per_row = (p.chunks + kScoreTileChunks - 1) / kScoreTileChunks;
+  const int64_t tiles_per_row = (p.chunks + kTileChunks - 1) / kTileChunks;
   const int64_t units = p.batch * tiles_per_row;
   const int grid = static_cast<int>(std::min<int64_t>(units, sm_count));
-  const int smem = smem_bytes((p.heads + 7) / 8, p.layer_count, p.terms);
+  const int smem = smem_layout(padded_heads(p.heads), p.layer_count, p.terms).total;
   const auto kernel = p.terms == 2 ? score_kernel<2> : score_kernel<1>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;

@@ -265,8 +265,8 @@ TEST_CASE("cuda fast vs exact agreement on random inputs at N = 262144 (real dim
 }
 
 TEST_CASE("cuda retriever agrees with the cpu backend on random inputs") {
-  // H = 128 (the production head count, 16 mma head groups) at small D and R to keep the CPU
-  // side quick, and the fixtures' H = 4 (padded head group).
+  // H = 128 (the production head count, one wgmma head tile) at small D and R to keep the CPU
+  // side quick, and the fixtures' H = 4 (padded to one head tile).
   double worst_logit = 0, worst_score = 0;
   for (const auto& [D, R, H] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 128}, {128, 64, 4}}) {
     auto weights = small_synthetic(D, R, H, 3);
