@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include "kernels/pdl.cuh"
 #include "kernels/retriever_kernels.hpp"
@@ -55,14 +56,14 @@ __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(_
 // Contract: one warp per (head h, layer l, row b); lane holds dims 4*lane .. 4*lane+3.
 // q_raw [L, B, H*128] (wq_b output), proj [B, P] (fused weights at l*stride + R + h),
 // angles [B, 32, 2]. Steps: bf16 round; RoPE on dims 64..127 then bf16 round; Hadamard
-// (butterflies of stride 1..64, (a, b) -> (a+b, a-b)), / sqrt(128); then the fp16 split
+// (butterflies of stride 1..64, (a, b) -> (a+b, a-b)), / sqrt(128); then the fp16 split (or the e4m3 rounding)
 // for the tensor cores (see retriever_kernels.hpp) and w_scaled = fused * head_scale * 2^-e.
 // Grid (H/8, L, B), 256 threads.
-template <int TERMS>
+template <int TERMS, bool FP8>
 __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q_raw, const float* __restrict__ proj,
                                                      int64_t P, int64_t stride, int64_t R,
                                                      const float* __restrict__ angles, int L, int B, int H,
-                                                     float head_scale, __half* __restrict__ qfrag,
+                                                     float head_scale, void* __restrict__ qfrag_out,
                                                      float* __restrict__ w_scaled) {
   static_assert(TERMS == 1 || TERMS == 2, "one fp16 term (fast) or a hi/lo pair (exact)");
   allow_dependents();
@@ -108,16 +109,29 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
     amax = fmaxf(amax, fabsf(x[j]));
   }
   for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  // Power-of-two head scale: max |q * 2^e| in [2^14, 2^15), inside fp16's range.
+  // Power-of-two head scale: max |q * 2^e| in [2^14, 2^15), inside fp16's range; e4m3:
+  // in [2^7, 2^8), below its largest finite value 448.
   int e = 0;
   if (amax > 0.0f) {
     int ex;
     frexpf(amax, &ex);
-    e = min(15 - ex, 100);
+    e = min((FP8 ? 8 : 15) - ex, 100);
   }
+  const int Hp = padded_heads(H);
+  if constexpr (FP8) {
+    // Dims 4*lane .. +3: 16-byte chunk lane / 4 at position chunk ^ (h % 8), bytes (lane % 4) * 4.
+    uint8_t* dst = static_cast<uint8_t*>(qfrag_out) + (static_cast<int64_t>(b) * L + l) * (static_cast<int64_t>(Hp) * kHeadDim) +
+                   static_cast<int64_t>(h) * kHeadDim + (((lane / 4) ^ (h % 8)) * 16) + (lane % 4) * 4;
+    uint32_t packed = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      packed |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(ldexpf(x[j], e), __NV_SATFINITE, __NV_E4M3)) << (8 * j);
+    *reinterpret_cast<uint32_t*>(dst) = packed;
+  } else {
+  __half* qfrag = static_cast<__half*>(qfrag_out);
   // Dims 4*lane .. +3: K block lane / 16, 16-byte chunk (lane % 16) / 2 at position
   // chunk ^ (h % 8), half (lane % 2) of it (the swizzled image of retriever_kernels.hpp).
-  const int Hp = padded_heads(H), kb = lane / 16, chunk = (lane % 16) / 2;
+  const int kb = lane / 16, chunk = (lane % 16) / 2;
   __half* dst = qfrag + (static_cast<int64_t>(b) * L + l) * (static_cast<int64_t>(Hp) * kHeadDim * TERMS) +
                 (static_cast<int64_t>(kb) * Hp + h) * 64 + ((chunk ^ (h % 8)) * 8) + (lane % 2) * 4;
   const int64_t lo_offset = static_cast<int64_t>(Hp) * kHeadDim;  // the lo term's image follows hi's
@@ -130,6 +144,7 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
   }
   *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(hi);
   if (TERMS == 2) *reinterpret_cast<uint2*>(dst + lo_offset) = *reinterpret_cast<const uint2*>(lo);
+  }
   if (lane == 0) {
     const float fused = __fmul_rn(proj[b * P + l * stride + R + h], head_scale);
     w_scaled[(static_cast<int64_t>(b) * L + l) * Hp + h] = ldexpf(fused, -e);
@@ -151,11 +166,13 @@ cudaError_t to_bf16(const float* in, void* out, int64_t n, cudaStream_t stream) 
 }
 
 cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int64_t stride, int64_t R,
-                           const float* angles, int L, int B, int H, float head_scale, int terms, void* qfrag,
-                           float* w_scaled, cudaStream_t stream) {
+                           const float* angles, int L, int B, int H, float head_scale, int terms, bool fp8,
+                           void* qfrag, float* w_scaled, cudaStream_t stream) {
+  if ((terms != 1 && terms != 2) || (fp8 && terms != 1)) return cudaErrorInvalidValue;
   const dim3 grid((H + 7) / 8, L, B);
-  return launch_chained(true, terms == 2 ? finish_kernel<2> : finish_kernel<1>, grid, dim3(256), 0, stream, q_raw, proj,
-                        P, stride, R, angles, L, B, H, head_scale, static_cast<__half*>(qfrag), w_scaled);
+  const auto kernel = fp8 ? finish_kernel<1, true> : terms == 2 ? finish_kernel<2, false> : finish_kernel<1, false>;
+  return launch_chained(true, kernel, grid, dim3(256), 0, stream, q_raw, proj, P, stride, R, angles, L, B, H,
+                        head_scale, qfrag, w_scaled);
 }
 
 }  // namespace flashmem::kernels

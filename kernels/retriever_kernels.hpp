@@ -27,7 +27,12 @@ __host__ __device__ inline int padded_heads(int H) { return (H + kHeadTile - 1) 
 // score_kernel.cu). The head weight
 // fused_w[h] * 2^-e_h is stored beside it in w_scaled [B, L, Hp]. Padded slots must be zero
 // (the caller zeroes both buffers when Hp != H).
-inline int64_t query_fragment_halves(int H, int terms) { return static_cast<int64_t>(padded_heads(H)) * 128 * terms; }
+// fp8 (fast mode): one e4m3 term instead, the head scaled by 2^e_h so that its largest |value|
+// lies in [2^7, 2^8) (inside e4m3's 448), stored as [head Hp][128 bytes] with the 16-byte chunk
+// c of head h at position c ^ (h % 8); the keys' e4m3 bytes are the A operand as they are.
+inline int64_t query_fragment_bytes(int H, int terms, bool fp8) {
+  return static_cast<int64_t>(padded_heads(H)) * 128 * (fp8 ? 1 : 2 * terms);
+}
 
 // Small-batch projection for B <= kGemvMaxBatch (gemv_kernel.cu): for z < Z,
 // y[z*y_lstride + b*y_bstride + r] = sum_k W[z*w_lstride + r*K + k] * x[z*x_lstride + b*x_bstride + k],
@@ -54,8 +59,8 @@ cudaError_t to_bf16(const float* in, void* out_bf16, int64_t n, cudaStream_t str
 // aligned, device memory or mapped pinned host memory).
 // Writes qfrag [B, L, fragment] and w_scaled [B, L, H].
 cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int64_t stride, int64_t R,
-                           const float* angles, int L, int B, int H, float head_scale, int terms, void* qfrag,
-                           float* w_scaled, cudaStream_t stream);
+                           const float* angles, int L, int B, int H, float head_scale, int terms, bool fp8,
+                           void* qfrag, float* w_scaled, cudaStream_t stream);
 
 // Scoring (SPEC 4): keys [B, N, 132] device, 4-byte aligned. Layers [layer0, layer0+count) of
 // qfrag/w_scaled. Per chunk: logit_l = sum_h relu(q_lh . k) * w_lh, score = ensemble of
@@ -72,6 +77,7 @@ struct ScoreParams {
   const float* w_scaled;
   int64_t batch, chunks;
   int total_layers, layer0, layer_count, terms, heads;  // heads: H (padded inside)
+  bool fp8;                                             // e4m3 queries (terms 1), wgmma k32 e4m3
   bool ensemble_mean, first_pass, last_pass;
   float* scores;
   float* layer_logits;
@@ -79,7 +85,7 @@ struct ScoreParams {
   unsigned long long* bad_chunk_out;
   unsigned* blocks_done;
 };
-int score_max_layers_per_pass(int H, int terms);  // 0: H too large for shared memory
+int score_max_layers_per_pass(int H, int terms, bool fp8);  // 0: H too large for shared memory
 cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream);
 
 // Threshold selection: keep[i] = scores[i] > t; count[b] = kept in row b (int64), in one

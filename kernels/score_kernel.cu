@@ -20,7 +20,9 @@
 //   address by 32 bytes inside the block (the swizzle is applied to the final address).
 // - Exact mode: q' = q * 2^e_h is split into fp16 hi + lo (22 significant bits); keys are exact
 //   in fp16; products are exact and sums are f32 (two wgmma per k-step into one accumulator).
-//   Fast mode: hi only (11 bits).
+//   Fast mode (FP8): q * 2^e_h rounded to e4m3 (max |value| of a head in [2^7, 2^8)), wgmma
+//   m64n128k32 e4m3 x e4m3 -> f32; the keys' e4m3 bytes are copied into a one-K-block A tile
+//   as they are. (fp16 hi only, 11 bits, remains as TERMS 1 without FP8.)
 // - The chunk scale is applied after the dot product: relu(s*d) = |s| * relu(sign(s)*d), and
 //   sign(s)*d is obtained by flipping the fp8 sign bits of chunks with a negative scale.
 // - Per-head 2^-e_h is folded into w (exact power-of-two scaling).
@@ -54,22 +56,26 @@ static_assert(kStages >= 1, "at least the tile being converted");
 static_assert(kHeadTile == 128, "wgmma m64n128: 64 f32 accumulators per thread");
 static_assert(kHeadDim == 2 * 64, "two 128-byte swizzle blocks of 64 f16 per row");
 constexpr int kSwizzleBlock = 128;                                   // bytes of one row of a K block
-constexpr int kATileBytes = 2 * kGroupRows * kSwizzleBlock;          // one warpgroup's f16 A tile
+// One warpgroup's A tile: 64 rows x 128 dims, f16 (two K blocks) or e4m3 (one K block).
+__host__ __device__ constexpr int a_tile_bytes(bool fp8) { return (fp8 ? 1 : 2) * kGroupRows * kSwizzleBlock; }
 constexpr int kTileBytes = (kTileChunks * kChunkBytes + 16 + 15) / 16 * 16;      // +16: the tile starts at src % 16
 static_assert((kTileChunks * kChunkBytes) % 16 == 0, "tiles of a row start 16-byte apart");
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in dynamic shared memory per block
 
-// Bytes of shared memory for the queries of one layer: terms x 2 K blocks x Hp rows x 128.
-__host__ __device__ constexpr int query_layer_bytes(int Hp, int terms) { return terms * 2 * Hp * kSwizzleBlock; }
+// Bytes of shared memory for the queries of one layer: terms x 2 K blocks x Hp rows x 128
+// (f16), or one K block x Hp rows x 128 (e4m3, one term).
+__host__ __device__ constexpr int query_layer_bytes(int Hp, int terms, bool fp8) {
+  return fp8 ? Hp * kSwizzleBlock : terms * 2 * Hp * kSwizzleBlock;
+}
 
 struct SmemLayout {
   int q, a, w, scale, tile, total;  // offsets from the 1024-aligned base; total includes the slack
 };
-__host__ __device__ constexpr SmemLayout smem_layout(int Hp, int layers, int terms) {
+__host__ __device__ constexpr SmemLayout smem_layout(int Hp, int layers, int terms, bool fp8) {
   SmemLayout s{};
   s.q = 0;
-  s.a = layers * query_layer_bytes(Hp, terms);  // a multiple of 1024 (Hp % 128 == 0)
-  s.w = s.a + kWarpGroups * kATileBytes;
+  s.a = layers * query_layer_bytes(Hp, terms, fp8);  // a multiple of 1024 (Hp % 128 == 0)
+  s.w = s.a + kWarpGroups * a_tile_bytes(fp8);
   s.scale = s.w + (layers * Hp * 4 + 15) / 16 * 16;
   s.tile = s.scale + kTileChunks * 4;
   s.total = s.tile + kStages * kTileBytes + 1024;  // +1024: the dynamic base is aligned up to 1024
@@ -146,22 +152,45 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
       : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
 }
 
+// d (+)= A[64 x 32] * B[32 x 128]^T, e4m3 x e4m3 -> f32, both K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t a, uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+}
+
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
 
 // Issues (without waiting) the wgmma of one (layer, head tile) item: 8 k-steps x TERMS.
 // a: this warpgroup's A tile; q: the layer's query image; Hp: padded heads (rows of a K block).
-template <int TERMS>
+// FP8: 4 k-steps of 32 e4m3 (32 bytes each) inside the single 128-byte K block.
+template <int TERMS, bool FP8>
 __device__ __forceinline__ void issue_item(float (&d)[64], const uint8_t* a, const uint8_t* q, int Hp, int nt) {
   fence_operands(d);
   wgmma_fence();
+  if constexpr (FP8) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    const int kb = kk / 4, koff = (kk % 4) * 32;  // K block, byte offset inside the 128-byte row
-    const uint64_t da = smem_desc(a + kb * kGroupRows * kSwizzleBlock + koff);
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_m64n128k32_e4m3(d, smem_desc(a + kk * 32), smem_desc(q + nt * kHeadTile * kSwizzleBlock + kk * 32), kk > 0);
+  } else {
 #pragma unroll
-    for (int t = 0; t < TERMS; ++t) {
-      const uint8_t* qb = q + (t * 2 + kb) * Hp * kSwizzleBlock + nt * kHeadTile * kSwizzleBlock + koff;
-      wgmma_m64n128k16(d, da, smem_desc(qb), kk > 0 || t > 0);
+    for (int kk = 0; kk < 8; ++kk) {
+      const int kb = kk / 4, koff = (kk % 4) * 32;  // K block, byte offset inside the 128-byte row
+      const uint64_t da = smem_desc(a + kb * kGroupRows * kSwizzleBlock + koff);
+#pragma unroll
+      for (int t = 0; t < TERMS; ++t) {
+        const uint8_t* qb = q + (t * 2 + kb) * Hp * kSwizzleBlock + nt * kHeadTile * kSwizzleBlock + koff;
+        wgmma_m64n128k16(d, da, smem_desc(qb), kk > 0 || t > 0);
+      }
     }
   }
   wgmma_commit();
@@ -182,14 +211,15 @@ __device__ __forceinline__ void head_sum(float (&d)[64], const float* wl, int tq
 // Contract: see ScoreParams. Grid: persistent, at most one block per SM; block k owns the
 // contiguous units [k*U/G, (k+1)*U/G) of U = B * ceil(N/256) tiles (row-major), so its
 // query is reloaded only when its row changes. 512 threads (4 warpgroups), 1 block/SM.
-template <int TERMS>
+template <int TERMS, bool FP8>
 __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p, int64_t tiles_per_row, int64_t units) {
   static_assert(TERMS == 1 || TERMS == 2, "fp16 hi (fast) or hi + lo (exact)");
+  static_assert(!FP8 || TERMS == 1, "e4m3 queries: one term");
   allow_dependents();
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const int Hp = padded_heads(p.heads), NT = Hp / kHeadTile, LC = p.layer_count;
-  const SmemLayout L = smem_layout(Hp, LC, TERMS);
+  const SmemLayout L = smem_layout(Hp, LC, TERMS, FP8);
   const int q_bytes = L.a;
   float* sw = reinterpret_cast<float*>(smem + L.w);
   float* sscale = reinterpret_cast<float*>(smem + L.scale);
@@ -197,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
 
   const int wg = threadIdx.x / 128, wt = threadIdx.x % 128;  // warpgroup, thread in it
   const int warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-  uint8_t* atile = smem + L.a + wg * kATileBytes;
+  uint8_t* atile = smem + L.a + wg * a_tile_bytes(FP8);
   const int64_t N = p.chunks;
   const int64_t u_begin = blockIdx.x * units / gridDim.x, u_end = (blockIdx.x + 1) * units / gridDim.x;
 
@@ -227,9 +257,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     const uint8_t* src = src_of(u, b, n0, cnt);
     if (b != cur_b) {  // this row's query images and head weights into shared memory
       __syncthreads();
-      const uint4* gq = reinterpret_cast<const uint4*>(static_cast<const __half*>(p.qfrag) +
-                                                       (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp) *
-                                                           kHeadDim * TERMS);
+      const uint4* gq = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.qfrag) +
+                                                       (b * p.total_layers + p.layer0) *
+                                                           static_cast<int64_t>(query_layer_bytes(Hp, TERMS, FP8)));
       for (int i = threadIdx.x; i < q_bytes / 16; i += kThreads) cp_async16(smem + 16 * i, gq + i);
       cp_async_commit();  // all in flight at once; waited for with the key tile below
       const float* gw = p.w_scaled + (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp);
@@ -241,9 +271,34 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     }
     __syncthreads();
 
-    // Step 1: this warpgroup's 64 rows to f16 in the swizzled A tile (thread: half a row, one
-    // K block), the sign of the scale folded in, |scale| to shared memory, NaN check.
-    {
+    // Step 1: this warpgroup's 64 rows into the swizzled A tile (thread: half a row), the sign
+    // of the scale folded in, |scale| to shared memory, NaN check. FP8: the e4m3 bytes as they
+    // are (one 128-byte K block a row); else f16 (one K block a thread).
+    if constexpr (FP8) {
+      const int r = wt / 2, hf = wt % 2, row = wg * kGroupRows + r;
+      const uint8_t* t = stile + ((u - u_begin) % kStages) * kTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
+                         row * kChunkBytes;
+      const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
+      const bool valid = row < cnt;
+      const uint32_t flip = scale < 0.0f ? 0x80808080u : 0u;
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(t);
+      uint8_t* dst = atile + r * kSwizzleBlock;
+      bool bad = !isfinite(scale);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = hf * 4 + (i ^ hf);  // 16-byte chunk c of the row (halves staggered for banks)
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          w[j] = valid ? words[4 * c + j] : 0u;
+          bad |= has_fp8_nan(w[j]);
+          w[j] ^= flip;
+        }
+        *reinterpret_cast<uint4*>(dst + ((c ^ (r % 8)) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+      if (valid && bad) atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + n0 + row));
+      if (hf == 0) sscale[row] = valid ? fabsf(scale) : 0.0f;
+    } else {
       const int r = wt / 2, kb = wt % 2, row = wg * kGroupRows + r;
       const uint8_t* t = stile + ((u - u_begin) % kStages) * kTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
                          row * kChunkBytes;
@@ -302,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     };
     float acc[64];
     for (int item = 0; item < LC * NT; ++item) {
-      issue_item<TERMS>(acc, atile, smem + (item / NT) * query_layer_bytes(Hp, TERMS), Hp, item % NT);
+      issue_item<TERMS, FP8>(acc, atile, smem + (item / NT) * query_layer_bytes(Hp, TERMS, FP8), Hp, item % NT);
       wgmma_wait<0>();
       finish_item(acc, item);
     }
@@ -335,23 +390,24 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
 
 }  // namespace
 
-int score_max_layers_per_pass(int H, int terms) {
+int score_max_layers_per_pass(int H, int terms, bool fp8) {
   const int Hp = padded_heads(H);
   int layers = 0;
-  while (smem_layout(Hp, layers + 1, terms).total <= kSmemLimit) ++layers;
+  while (smem_layout(Hp, layers + 1, terms, fp8).total <= kSmemLimit) ++layers;
   return layers;
 }
 
 cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream) {
-  if (p.terms != 1 && p.terms != 2) return cudaErrorInvalidValue;
-  if (p.layer_count <= 0 || p.layer_count > score_max_layers_per_pass(p.heads, p.terms)) return cudaErrorInvalidValue;
+  if ((p.terms != 1 && p.terms != 2) || (p.fp8 && p.terms != 1)) return cudaErrorInvalidValue;
+  if (p.layer_count <= 0 || p.layer_count > score_max_layers_per_pass(p.heads, p.terms, p.fp8))
+    return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.keys) % 4 != 0) return cudaErrorMisalignedAddress;
   if (!p.bad_chunk || (p.last_pass && (!p.bad_chunk_out || !p.blocks_done))) return cudaErrorInvalidValue;
   const int64_t tiles_per_row = (p.chunks + kTileChunks - 1) / kTileChunks;
   const int64_t units = p.batch * tiles_per_row;
   const int grid = static_cast<int>(std::min<int64_t>(units, sm_count));
-  const int smem = smem_layout(padded_heads(p.heads), p.layer_count, p.terms).total;
-  const auto kernel = p.terms == 2 ? score_kernel<2> : score_kernel<1>;
+  const int smem = smem_layout(padded_heads(p.heads), p.layer_count, p.terms, p.fp8).total;
+  const auto kernel = p.fp8 ? score_kernel<1, true> : p.terms == 2 ? score_kernel<2, false> : score_kernel<1, false>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   return launch_chained(true, kernel, dim3(grid), dim3(kThreads), smem, stream, p, tiles_per_row, units);

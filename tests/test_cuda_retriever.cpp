@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
@@ -215,8 +216,8 @@ TEST_CASE("cuda retriever matches realdim_public (exact), and fast agrees with e
     CHECK(max_abs_diff(m->score(in).ensemble, f.read_f32("ensemble_mean")) <= kScoreAtol);
   }
 
-  // Fast mode: bf16 weights and fp16 single-term scoring; agreement is reported, and held to
-  // a loose floor (it is an approximation by design).
+  // Fast mode: bf16 weights and fp8 scoring (e4m3 queries x the e4m3 keys, f32 accumulate);
+  // agreement is reported, and held to a loose floor (it is an approximation by design).
   opt.precision = Precision::Fast;
   auto fast = make_retriever(Device::Cuda, weights, opt);
   const Selection fthr = fast->retrieve(in, SelectRule::threshold_rule(0.5f));
@@ -256,6 +257,20 @@ TEST_CASE("cuda fast vs exact agreement on random inputs at N = 262144 (real dim
   const float t_med = sorted[N / 2];
   int64_t same_med = 0;
   for (int64_t i = 0; i < B * N; ++i) same_med += (sf.ensemble[i] > t_med) == (se.ensemble[i] > t_med);
+  {  // For comparison (reported only): fast mode with fp16 single-term scoring instead of fp8.
+    setenv("FLASHMEM_CUDA_FAST_SCORING", "fp16", 1);
+    auto fast16 = make_retriever(Device::Cuda, weights, opt);
+    unsetenv("FLASHMEM_CUDA_FAST_SCORING");
+    const Scores s16 = fast16->score(c.inputs());
+    int64_t same16 = 0, same16_med = 0;
+    for (int64_t i = 0; i < B * N; ++i) {
+      same16 += (s16.ensemble[i] > 0.5f) == (se.ensemble[i] > 0.5f);
+      same16_med += (s16.ensemble[i] > t_med) == (se.ensemble[i] > t_med);
+    }
+    MESSAGE("random N=262144 fast (fp16 scoring) vs exact: identical decisions ", static_cast<double>(same16) / (B * N),
+            " at t = 0.5, ", static_cast<double>(same16_med) / (B * N), " at t = median; max |d score| ",
+            max_abs_diff(s16.ensemble, se.ensemble));
+  }
   MESSAGE("random N=262144 fast vs exact: identical threshold decisions ", static_cast<double>(same) / (B * N),
           " at t = 0.5 (exact keeps ", mean_kept / N, "), ", static_cast<double>(same_med) / (B * N), " at t = median ",
           t_med, "; top-", k, " overlap ", static_cast<double>(overlap) / (B * k), "; max |d score| ",

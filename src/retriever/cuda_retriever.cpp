@@ -40,7 +40,11 @@ class CudaRetrieverImpl final : public CudaRetriever {
     P_ = L_ * stride_;
     terms_ = options_.precision == Precision::Exact ? 2 : 1;
     fast_ = options_.precision == Precision::Fast;
-    max_layers_per_pass_ = kernels::score_max_layers_per_pass(static_cast<int>(H_), terms_);
+    // Fast mode scores with e4m3 queries on fp8 wgmma (the keys are e4m3 already);
+    // FLASHMEM_CUDA_FAST_SCORING=fp16 keeps the fp16 single-term scoring (for benchmarks).
+    fp8_ = fast_;
+    if (const char* v = std::getenv("FLASHMEM_CUDA_FAST_SCORING")) fp8_ = fast_ && std::string(v) != "fp16";
+    max_layers_per_pass_ = kernels::score_max_layers_per_pass(static_cast<int>(H_), terms_, fp8_);
     if (max_layers_per_pass_ == 0) fail("cuda retriever: H = ", H_, " heads do not fit the scoring kernel's shared memory");
     // Projection path (for benchmarks): custom (default: our GEMV for B <= 4, cuBLAS above),
     // cublas (cuBLAS GEMM always), sgemv (cuBLAS GEMV at B = 1, exact mode).
@@ -315,7 +319,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     x.proj = static_cast<float*>(d_proj_.reserve(B * P_ * 4, "the projections [B, L*(R+H)]", &bytes_));
     x.a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * 4, "the normalised q-LoRA [L, B, R]", &bytes_);
     x.qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
-    x.frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_halves(static_cast<int>(H_), terms_) * 2;
+    x.frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_bytes(static_cast<int>(H_), terms_, fp8_);
     x.qfrag = d_qfrag_.reserve(x.frag_bytes, "the query fragments", &bytes_);
     x.wsc = static_cast<float*>(d_w_.reserve(static_cast<size_t>(B) * L_ * Hp * 4, "the head weights", &bytes_));
     x.scores = static_cast<float*>(d_scores_.reserve(static_cast<size_t>(B) * N * 4, "the scores [B, N]", &bytes_));
@@ -411,7 +415,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     }
     const float head_scale = static_cast<float>(std::pow(128.0, -0.5) * std::pow(static_cast<double>(H_), -0.5));
     FM_CUDA(kernels::finish_queries(qraw, proj, P_, stride_, R_, x.angles, L_, static_cast<int>(B), static_cast<int>(H_),
-                                    head_scale, terms_, x.qfrag, x.wsc, stream_));
+                                    head_scale, terms_, fp8_, x.qfrag, x.wsc, stream_));
 
     for (int l = x.layer0; l < x.layer0 + x.count; l += max_layers_per_pass_) {
       kernels::ScoreParams p{};
@@ -424,6 +428,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
       p.layer0 = l;
       p.layer_count = std::min(max_layers_per_pass_, x.layer0 + x.count - l);
       p.terms = terms_;
+      p.fp8 = fp8_;
       p.heads = static_cast<int>(H_);
       p.ensemble_mean = options_.ensemble == Ensemble::Mean;
       p.first_pass = l == x.layer0;
@@ -441,7 +446,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
   int L_ = 0;
   int64_t D_ = 0, R_ = 0, H_ = 0, stride_ = 0, P_ = 0;
   int terms_ = 2, max_layers_per_pass_ = 0, sm_count_ = 0;
-  bool fast_ = false;
+  bool fast_ = false, fp8_ = false;
   enum class GemvMode { Custom, Cublas, Sgemv } gemv_mode_ = GemvMode::Custom;
   int64_t last_B_ = 0, last_N_ = 0;
   size_t bytes_ = 0;
