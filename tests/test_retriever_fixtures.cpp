@@ -14,9 +14,10 @@
 //   entries off by up to one bf16 ulp of the head's largest pre-Hadamard value; there must
 //   be few of them (the count is printed).
 // - logits: 1e-4 absolute + 1e-3 relative (q errors above, summed over 4 heads x 128 dims).
-// - masks: identical, except entries whose reference score lies within kMaskBand of the
-//   threshold, or (top-k) whose score lies within kMaskBand of the k-th score; those are
-//   counted and printed (expected: zero or a handful).
+// - masks: identical, except entries whose reference score lies within the score tolerance
+//   of the boundary (the threshold, or for top-k the k-th score): only there can a score
+//   that is within tolerance land on the other side. Those are counted and printed; on
+//   these fixtures there are none (0 for every mask of A, B, C and realdim_public).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -34,8 +35,6 @@
 using namespace flashmem;
 
 namespace {
-
-constexpr double kMaskBand = 1e-4;
 
 struct Case {
   std::string prefix, checkpoint;
@@ -75,15 +74,15 @@ Loaded load_case(const std::string& cases_file, const std::string& prefix, const
 // Checks a mask; differences allowed only where the reference score is within the band of
 // `boundary` (the threshold, or per row the k-th largest score). Returns the near count.
 int check_mask(const std::vector<uint8_t>& ours, std::span<const uint8_t> ref, std::span<const float> ref_scores,
-               const std::vector<float>& boundary, int64_t N, const std::string& what) {
+               const std::vector<float>& boundary, int64_t N, double band, const std::string& what) {
   int near = 0, bad = 0;
   for (size_t i = 0; i < ours.size(); ++i) {
     if (ours[i] == ref[i]) continue;
-    if (std::fabs(ref_scores[i] - boundary[i / N]) <= kMaskBand) ++near;
+    if (std::fabs(ref_scores[i] - boundary[i / N]) <= band) ++near;
     else ++bad;
   }
   CHECK_MESSAGE(bad == 0, what, ": ", bad, " mask entries differ away from the boundary");
-  MESSAGE(what, ": ", near, " differing entries within ", kMaskBand, " of the boundary");
+  MESSAGE(what, ": ", near, " differing entries within ", band, " of the boundary");
   return near;
 }
 
@@ -187,12 +186,12 @@ TEST_CASE("retriever_cases A, B, C: intermediates and outputs match the referenc
 
       const Selection thr = retriever->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f));
       check_mask(thr.keep, c.file.tensor(p + "keep_thr0.5_" + tag).as<uint8_t>(), ref_scores,
-                 std::vector<float>(c.B, 0.5f), c.N, p + "keep_thr0.5_" + tag);
+                 std::vector<float>(c.B, 0.5f), c.N, 1e-5, p + "keep_thr0.5_" + tag);
       if (ens == Ensemble::Max) {
         const Selection top = retriever->retrieve(c.inputs(), SelectRule::top_k_rule(10));
         for (int64_t b = 0; b < c.B; ++b) CHECK(top.kept_count[b] == 10);
         check_mask(top.keep, c.file.tensor(p + "keep_top10_max").as<uint8_t>(), ref_scores,
-                   kth_scores(ref_scores, c.B, c.N, 10), c.N, p + "keep_top10_max");
+                   kth_scores(ref_scores, c.B, c.N, 10), c.N, 1e-5, p + "keep_top10_max");
       }
     }
   }
@@ -240,10 +239,10 @@ TEST_CASE("realdim_public: logits, ensembles and masks at the released dimension
     if (ens == Ensemble::Max) {
       const Selection thr = retriever->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f));
       check_mask(thr.keep, c.file.tensor("keep_thr0.5_max").as<uint8_t>(), ref_scores, std::vector<float>(c.B, 0.5f), c.N,
-                 "keep_thr0.5_max");
+                 5e-4, "keep_thr0.5_max");
       const Selection top = retriever->retrieve(c.inputs(), SelectRule::top_k_rule(64));
       check_mask(top.keep, c.file.tensor("keep_top64_max").as<uint8_t>(), ref_scores, kth_scores(ref_scores, c.B, c.N, 64),
-                 c.N, "keep_top64_max");
+                 c.N, 5e-4, "keep_top64_max");
     }
   }
 }
