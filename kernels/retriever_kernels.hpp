@@ -37,13 +37,15 @@ inline int64_t query_fragment_bytes(int H, int terms, bool fp8) {
 // Small-batch projection for B <= kGemvMaxBatch (gemv_kernel.cu): for z < Z,
 // y[z*y_lstride + b*y_bstride + r] = sum_k W[z*w_lstride + r*K + k] * x[z*x_lstride + b*x_bstride + k],
 // W fp32 or bf16 (16-byte aligned rows), x and y fp32. Needs K % 4 (fp32) or K % 8 (bf16) == 0
-// and x_bstride, x_lstride multiples of 4. chained: a programmatic dependent launch (pdl.cuh)
+// and x_bstride, x_lstride multiples of 4 (without x_norm). chained: a programmatic dependent launch (pdl.cuh)
 // that starts streaming W while the kernel before it, which writes x, finishes.
+// x_norm (optional, [Z, K] fp32): each x row is first RMS-normalised as rmsnorm_rows does
+// (x * inv_rms(x) * x_norm[z], bitwise the same), inside the kernel (B * K * 4 <= 48 KB).
 constexpr int kGemvMaxBatch = 4;
 bool gemv_supported(int B, int K, bool bf16_weights);
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 bool chained, cudaStream_t stream);
+                 bool chained, cudaStream_t stream, const float* x_norm = nullptr);
 
 // RMSNorm of the first projection's q part (SPEC 3.2). proj [B, P] row-major with layer l's
 // wq_a output at columns l*stride .. l*stride+R; out: [L, B, R] (float or bf16 when out_bf16).

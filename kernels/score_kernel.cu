@@ -6,9 +6,9 @@
 //
 // Layout of the matmul: chunks are M, heads N, the 128 key dims K; Hopper warpgroup MMA
 // (wgmma m64n128k16, sm_90a) with both operands in shared memory, f16 inputs, f32
-// accumulators. A block (4 warpgroups) owns a tile of 256 chunks: it copies the tile's 132-byte
-// rows once into shared memory (cp.async), each warpgroup converts its 64 rows to f16 (fp8 ->
-// f16 is exact) into a 128-byte-swizzled K-major A tile, and scores them against every
+// accumulators. A block (4 warpgroups) owns tiles of 256 chunks: each warpgroup copies its 64
+// rows of 132 bytes into shared memory (cp.async), converts them to f16 (fp8 -> f16 is exact)
+// into a 128-byte-swizzled K-major A tile, and scores them against every
 // layer's query (all heads, staged once per batch row in the same swizzled layout by
 // finish_queries) with 8 wgmma per layer and 128-head tile (16 in exact mode). relu, the
 // head weights, the head sum, the scale, sigmoid and the max/mean ensemble stay in
@@ -26,11 +26,16 @@
 // - The chunk scale is applied after the dot product: relu(s*d) = |s| * relu(sign(s)*d), and
 //   sign(s)*d is obtained by flipping the fp8 sign bits of chunks with a negative scale.
 // - Per-head 2^-e_h is folded into w (exact power-of-two scaling).
-// - One accumulator set per warpgroup, waited for before its epilogue: the other warpgroups'
-//   wgmma keep the tensor cores busy meanwhile. Measured (H100, fast B 1 N 1M, device time):
-//   2 warpgroups 0.410 ms, 3: 0.367, 4: 0.349; 2-3 key tiles in flight instead of 1 gained
-//   nothing (2 warpgroups: 0.414-0.423), so kStages stays 1; with 4 warpgroups a second
-//   33 KB tile would not fit beside fast mode's three query layers (96 KB) and the A tiles.
+// - Warpgroups run decoupled: each owns the 64-chunk sub-tile wg of every 256-chunk tile of its
+//   block, with its own ring of kStages raw sub-tiles (cp.async, one group a sub-tile) and only
+//   its own named barrier (bar.sync wg + 1, 128) between copy, conversion and wgmma, so one
+//   warpgroup's conversion and relu/weight epilogue run under another's wgmma. The block meets
+//   (__syncthreads) only where the batch row changes, to load that row's queries. Measured
+//   (H100, B 1, device time of the score graph, N 1M): lock-step (one raw 256-chunk tile,
+//   two __syncthreads a tile) fast 0.294 / exact 0.688 ms, decoupled 0.273 / 0.608 ms; fast
+//   with 3 sub-tiles in flight instead of 2: the same (0.274). Before (lock-step): 2 / 3 / 4
+//   warpgroups 0.410 / 0.367 / 0.349 ms (fp16 fast scoring).
+// - One accumulator set per warpgroup, waited for before its epilogue.
 // - Exact mode's two query terms take 64 KB a layer: one layer per pass (3 passes over the keys).
 //   Two accumulator sets per warpgroup (next item's wgmma under this item's epilogue) made
 //   ptxas serialize the wgmma (C7514), so it was dropped.
@@ -48,18 +53,18 @@ namespace flashmem::kernels {
 namespace {
 
 constexpr int kWarpGroups = 4, kThreads = kWarpGroups * 128;  // 128 registers a thread at most
-constexpr int kStages = 1;     // raw key tiles in flight (see NOTES)
 constexpr int kGroupRows = 64;  // wgmma M
 constexpr int kTileChunks = kWarpGroups * kGroupRows;
 static_assert(kTileChunks == 256 && kThreads == 512, "a tile is 4 warpgroups x 64 chunks");
-static_assert(kStages >= 1, "at least the tile being converted");
+constexpr int kStages = 2;  // raw 64-chunk sub-tiles in flight per warpgroup (see NOTES)
 static_assert(kHeadTile == 128, "wgmma m64n128: 64 f32 accumulators per thread");
 static_assert(kHeadDim == 2 * 64, "two 128-byte swizzle blocks of 64 f16 per row");
 constexpr int kSwizzleBlock = 128;                                   // bytes of one row of a K block
 // One warpgroup's A tile: 64 rows x 128 dims, f16 (two K blocks) or e4m3 (one K block).
 __host__ __device__ constexpr int a_tile_bytes(bool fp8) { return (fp8 ? 1 : 2) * kGroupRows * kSwizzleBlock; }
-constexpr int kTileBytes = (kTileChunks * kChunkBytes + 16 + 15) / 16 * 16;      // +16: the tile starts at src % 16
-static_assert((kTileChunks * kChunkBytes) % 16 == 0, "tiles of a row start 16-byte apart");
+// One warpgroup's raw sub-tile buffer: 64 rows of 132 bytes, +16: it starts at src % 16.
+constexpr int kSubTileBytes = (kGroupRows * kChunkBytes + 16 + 15) / 16 * 16;
+static_assert((kGroupRows * kChunkBytes) % 16 == 0, "sub-tiles of a row start 16-byte apart");
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in dynamic shared memory per block
 
 // Bytes of shared memory for the queries of one layer: terms x 2 K blocks x Hp rows x 128
@@ -78,7 +83,7 @@ __host__ __device__ constexpr SmemLayout smem_layout(int Hp, int layers, int ter
   s.w = s.a + kWarpGroups * a_tile_bytes(fp8);
   s.scale = s.w + (layers * Hp * 4 + 15) / 16 * 16;
   s.tile = s.scale + kTileChunks * 4;
-  s.total = s.tile + kStages * kTileBytes + 1024;  // +1024: the dynamic base is aligned up to 1024
+  s.total = s.tile + kWarpGroups * kStages * kSubTileBytes + 1024;  // +1024: the base is aligned up to 1024
   return s;
 }
 
@@ -97,17 +102,20 @@ __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.w
 // Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async) visible to wgmma.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Copies `bytes` (a multiple of 4) from src (4-byte aligned) to tile + src % 16: 16-byte
-// copies for the aligned body, 4-byte ones for the ragged head and tail.
-__device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* src, int bytes) {
+// One warpgroup (thread wt of 128) copies `bytes` (a multiple of 4) from src (4-byte aligned)
+// to tile + src % 16: 16-byte copies for the aligned body, 4-byte ones for the ragged ends.
+__device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* src, int bytes, int wt) {
   const uintptr_t s = reinterpret_cast<uintptr_t>(src);
   uint8_t* dst = tile + (s & 15);
-  const int head = static_cast<int>(((s + 15) & ~uintptr_t{15}) - s);
-  const int body_end = static_cast<int>(((s + bytes) & ~uintptr_t{15}) - s);
-  for (int i = threadIdx.x * 4; i < head; i += kThreads * 4) cp_async4(dst + i, src + i);
-  for (int i = head + threadIdx.x * 16; i < body_end; i += kThreads * 16) cp_async16(dst + i, src + i);
-  for (int i = body_end + threadIdx.x * 4; i < bytes; i += kThreads * 4) cp_async4(dst + i, src + i);
+  const int head = min(bytes, static_cast<int>(((s + 15) & ~uintptr_t{15}) - s));
+  const int body_end = max(head, static_cast<int>(((s + bytes) & ~uintptr_t{15}) - s));
+  for (int i = wt * 4; i < head; i += 128 * 4) cp_async4(dst + i, src + i);
+  for (int i = head + wt * 16; i < body_end; i += 128 * 16) cp_async16(dst + i, src + i);
+  for (int i = body_end + wt * 4; i < bytes; i += 128 * 4) cp_async4(dst + i, src + i);
 }
+
+// Barrier of one warpgroup's 128 threads (ids 1..4; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory"); }
 
 __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two_bytes) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_bytes), __NV_E4M3);
@@ -223,30 +231,32 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
   const int q_bytes = L.a;
   float* sw = reinterpret_cast<float*>(smem + L.w);
   float* sscale = reinterpret_cast<float*>(smem + L.scale);
-  uint8_t* stile = smem + L.tile;
-
+  constexpr int S = kStages;
   const int wg = threadIdx.x / 128, wt = threadIdx.x % 128;  // warpgroup, thread in it
+  uint8_t* stile = smem + L.tile + wg * S * kSubTileBytes;   // this warpgroup's raw sub-tile ring
   const int warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
   uint8_t* atile = smem + L.a + wg * a_tile_bytes(FP8);
   const int64_t N = p.chunks;
   const int64_t u_begin = blockIdx.x * units / gridDim.x, u_end = (blockIdx.x + 1) * units / gridDim.x;
 
+  // Tile u's chunks n0 .. n0 + cnt; src: this warpgroup's 64-chunk sub-tile of it.
   auto src_of = [&](int64_t u, int64_t& b, int64_t& n0, int& cnt) {
     b = u / tiles_per_row;
     n0 = (u % tiles_per_row) * kTileChunks;
     cnt = static_cast<int>(N - n0 < kTileChunks ? N - n0 : kTileChunks);
-    return p.keys + (b * N + n0) * kChunkBytes;
+    return p.keys + (b * N + n0 + wg * kGroupRows) * kChunkBytes;
   };
   auto prefetch = [&](int64_t u) {  // one cp.async group per call (empty past the end)
     if (u < u_end) {
       int64_t b, n0;
       int cnt;
       const uint8_t* src = src_of(u, b, n0, cnt);
-      load_tile(stile + ((u - u_begin) % kStages) * kTileBytes, src, cnt * kChunkBytes);
+      const int rows = max(0, min(kGroupRows, cnt - wg * kGroupRows));
+      load_tile(stile + ((u - u_begin) % S) * kSubTileBytes, src, rows * kChunkBytes, wt);
     }
     cp_async_commit();
   };
-  for (int s = 0; s < kStages; ++s) prefetch(u_begin + s);
+  for (int s = 0; s < S; ++s) prefetch(u_begin + s);
   // The first key tile is in flight (keys are the caller's); everything below reads or writes
   // what the kernels ahead of this one produce (queries, earlier passes' scores, the flag).
   grid_dependency_wait();
@@ -256,6 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     int cnt;
     const uint8_t* src = src_of(u, b, n0, cnt);
     if (b != cur_b) {  // this row's query images and head weights into shared memory
+      // Every warpgroup walks the same tiles, so all of them meet here, done with the last row.
       __syncthreads();
       const uint4* gq = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.qfrag) +
                                                        (b * p.total_layers + p.layer0) *
@@ -266,18 +277,20 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       for (int i = threadIdx.x; i < LC * Hp; i += kThreads) sw[i] = gw[i];
       cur_b = b;
       cp_async_wait_all();
+      fence_async_shared();  // the queries, for every warpgroup's wgmma
+      __syncthreads();
     } else {
-      cp_async_wait_group<kStages - 1>();  // tile u; later tiles may stay in flight
+      cp_async_wait_group<S - 1>();  // sub-tile u; later ones may stay in flight
+      warpgroup_sync(wg);            // every thread's copies of it have landed
     }
-    __syncthreads();
 
     // Step 1: this warpgroup's 64 rows into the swizzled A tile (thread: half a row), the sign
     // of the scale folded in, |scale| to shared memory, NaN check. FP8: the e4m3 bytes as they
     // are (one 128-byte K block a row); else f16 (one K block a thread).
     if constexpr (FP8) {
       const int r = wt / 2, hf = wt % 2, row = wg * kGroupRows + r;
-      const uint8_t* t = stile + ((u - u_begin) % kStages) * kTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
-                         row * kChunkBytes;
+      const uint8_t* t = stile + ((u - u_begin) % S) * kSubTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
+                         r * kChunkBytes;
       const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
       const bool valid = row < cnt;
       const uint32_t flip = scale < 0.0f ? 0x80808080u : 0u;
@@ -300,8 +313,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       if (hf == 0) sscale[row] = valid ? fabsf(scale) : 0.0f;
     } else {
       const int r = wt / 2, kb = wt % 2, row = wg * kGroupRows + r;
-      const uint8_t* t = stile + ((u - u_begin) % kStages) * kTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
-                         row * kChunkBytes;
+      const uint8_t* t = stile + ((u - u_begin) % S) * kSubTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
+                         r * kChunkBytes;
       const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
       const bool valid = row < cnt;
       const uint32_t flip = scale < 0.0f ? 0x80808080u : 0u;
@@ -321,8 +334,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       if (kb == 0) sscale[row] = valid ? fabsf(scale) : 0.0f;
     }
     fence_async_shared();  // the A tile and the cp.async'd queries, for wgmma
-    __syncthreads();       // the raw tile buffer is free: prefetch the next tile behind the math
-    prefetch(u + kStages);
+    warpgroup_sync(wg);    // the A tile is complete and the raw slot free: prefetch behind the math
+    prefetch(u + S);
 
     // Step 2: every (layer, head tile) item against the A tile; a layer's logit, sigmoid and
     // ensemble after its last head tile.

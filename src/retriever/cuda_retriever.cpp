@@ -381,10 +381,16 @@ class CudaRetrieverImpl final : public CudaRetriever {
     if (x.custom_gemv) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
       FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, x.hidden, 0, D_, static_cast<int>(B),
                             proj, 0, P_, /*chained=*/false, stream_));
-      FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
-      FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_,
-                            static_cast<const float*>(a), B * R_, R_, static_cast<int>(B), qraw,
-                            static_cast<int64_t>(B) * HD, HD, /*chained=*/true, stream_));
+      if (B * R_ * 4 <= 48 * 1024) {  // the rmsnorm inside the second GEMV (one kernel fewer in the chain)
+        FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_, proj,
+                              stride_, P_, static_cast<int>(B), qraw, static_cast<int64_t>(B) * HD, HD, /*chained=*/true,
+                              stream_, d_qnorm_.as<float>()));
+      } else {
+        FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
+        FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_,
+                              static_cast<const float*>(a), B * R_, R_, static_cast<int>(B), qraw,
+                              static_cast<int64_t>(B) * HD, HD, /*chained=*/true, stream_));
+      }
     } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
       const float* wb = d_wb_.as<float>();
