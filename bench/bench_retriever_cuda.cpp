@@ -54,7 +54,9 @@ int main(int argc, char** argv) {
       std::printf("SKIP: %s\n", why.c_str());
       return 77;
     }
+    // Usage: bench_retriever_cuda [REPS [VARIANT]]: VARIANT (exact, fast, exact-c, ...) runs that one alone.
     const int reps = argc > 1 ? std::atoi(argv[1]) : 30;
+    const std::string only = argc > 2 ? argv[2] : "";
     cudaDeviceProp prop;
     FM_CUDA(cudaGetDeviceProperties(&prop, 0));
     const double bw = bench::measure_device_copy_bandwidth(), rate = bench::measure_bf16_gemm_rate();
@@ -98,6 +100,7 @@ int main(int argc, char** argv) {
                              Variant{"exact-c", Precision::Exact, "cublas"}, Variant{"exact-v", Precision::Exact, "sgemv"},
                              Variant{"fast-c", Precision::Fast, "cublas"},
                              Variant{"fast-h", Precision::Fast, "custom", "fp16"}}) {
+      if (!only.empty() && only != v.name) continue;
       const bool main_variant = std::string(v.gemv) == "custom" && std::string(v.scoring) == "fp8";
       const bool fp8_scoring = v.precision == Precision::Fast && std::string(v.scoring) == "fp8";
       setenv("FLASHMEM_CUDA_GEMV", v.gemv, 1);

@@ -67,16 +67,18 @@ __global__ void __launch_bounds__(256) finish_kernel(const float* __restrict__ q
                                                      float* __restrict__ w_scaled) {
   static_assert(TERMS == 1 || TERMS == 2, "one fp16 term (fast) or a hi/lo pair (exact)");
   allow_dependents();
-  grid_dependency_wait();  // q_raw is the previous kernel's output
   const int lane = threadIdx.x % 32, h = blockIdx.x * 8 + threadIdx.x / 32, l = blockIdx.y, b = blockIdx.z;
   if (h >= H) return;
+  // (cos, sin) of RoPE pairs 2*lane - 32 and the next one, for lanes 16..31, in one 16-byte load
+  // issued before the wait: the angles are the host's (pinned memory, read over the bus), not
+  // the previous kernel's, so their latency hides under that kernel's tail.
+  const float4 cs = lane >= 16 ? *reinterpret_cast<const float4*>(angles + (b * 32 + 2 * lane - 32) * 2) : float4{};
+  grid_dependency_wait();  // q_raw is the previous kernel's output
   const float4 v4 = *reinterpret_cast<const float4*>(q_raw + ((static_cast<int64_t>(l) * B + b) * H + h) * kHeadDim +
                                                      4 * lane);
   float x[4] = {bf16_round(v4.x), bf16_round(v4.y), bf16_round(v4.z), bf16_round(v4.w)};
   // RoPE on the last 64 dims: pairs (x[2i'], x[2i'+1]) with i = 2*lane - 32 + i'.
   if (lane >= 16) {
-    // (cos, sin) of pairs i and i + 1 in one 16-byte load (angles may live in pinned host memory).
-    const float4 cs = *reinterpret_cast<const float4*>(angles + (b * 32 + 2 * lane - 32) * 2);
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const float c = p ? cs.z : cs.x, s = p ? cs.w : cs.y;

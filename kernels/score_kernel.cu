@@ -39,6 +39,7 @@
 // - Exact mode's two query terms take 64 KB a layer: one layer per pass (3 passes over the keys).
 //   Two accumulator sets per warpgroup (next item's wgmma under this item's epilogue) made
 //   ptxas serialize the wgmma (C7514), so it was dropped.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -81,7 +82,7 @@ __host__ __device__ constexpr SmemLayout smem_layout(int Hp, int layers, int ter
   s.q = 0;
   s.a = layers * query_layer_bytes(Hp, terms, fp8);  // a multiple of 1024 (Hp % 128 == 0)
   s.w = s.a + kWarpGroups * a_tile_bytes(fp8);
-  s.scale = s.w + (layers * Hp * 4 + 15) / 16 * 16;
+  s.scale = s.w + (fp8 ? (layers + 3) / 4 * Hp * 16 : (layers * Hp * 4 + 15) / 16 * 16);  // fp8: head-sum B tiles
   s.tile = s.scale + kTileChunks * 4;
   s.total = s.tile + kWarpGroups * kStages * kSubTileBytes + 1024;  // +1024: the base is aligned up to 1024
   return s;
@@ -183,7 +184,9 @@ __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fad
 // FP8: 4 k-steps of 32 e4m3 (32 bytes each) inside the single 128-byte K block.
 template <int TERMS, bool FP8>
 __device__ __forceinline__ void issue_item(float (&d)[64], const uint8_t* a, const uint8_t* q, int Hp, int nt) {
-  fence_operands(d);
+  // FP8: issued while the head sum runs; a fence here would count as redefining the
+  // accumulator mid-pipeline (ptxas C7515 serializes); the volatile cvts order the reads.
+  if constexpr (!FP8) fence_operands(d);
   wgmma_fence();
   if constexpr (FP8) {
 #pragma unroll
@@ -216,6 +219,41 @@ __device__ __forceinline__ void head_sum(float (&d)[64], const float* wl, int tq
   }
 }
 
+// Fast mode's head sum on the tensor cores: d (+)= A[64 x 16] * B[16 x 8]^T, bf16 x bf16 -> f32,
+// A from registers (the accumulator fragment layout of the scoring wgmma), B K-major in
+// shared memory without swizzle (8-row x 16-byte core matrices, 128 bytes apart along K).
+__device__ __forceinline__ void wgmma_m64n8k16_bf16_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
+}
+// {relu(lo), relu(hi)} rounded to bf16, lo in the low half.
+__device__ __forceinline__ uint32_t relu_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm volatile("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ uint64_t smem_desc_plain(const void* p) {
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(p));
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
+}
+// Fast mode: issues (without waiting) hs (+)= relu(d) x wt, wt: the [128 heads x 8] bf16 B tile
+// of this item (kHeadSumTileBytes): 8 k-steps of 16 heads; the scoring wgmma must be complete.
+constexpr int kHeadSumTileBytes = kHeadTile * 8 * 2;
+__device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, float (&hs)[4], bool accumulate) {
+  uint32_t a[8][4];
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[s][i] = relu_bf16x2(d[8 * s + 2 * i], d[8 * s + 2 * i + 1]);
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], smem_desc_plain(wt + s * 2 * 128), accumulate || s > 0);
+  wgmma_commit();
+}
+
 // Contract: see ScoreParams. Grid: persistent, at most one block per SM; block k owns the
 // contiguous units [k*U/G, (k+1)*U/G) of U = B * ceil(N/256) tiles (row-major), so its
 // query is reloaded only when its row changes. 512 threads (4 warpgroups), 1 block/SM.
@@ -225,7 +263,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
   static_assert(!FP8 || TERMS == 1, "e4m3 queries: one term");
   allow_dependents();
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // Aligned up to 1024 by pointer arithmetic on smem_raw (not an integer round trip), so the
+  // compiler still knows every access below is to shared memory (LDS/STS, 32-bit addresses).
+  uint8_t* smem = smem_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
   const int Hp = padded_heads(p.heads), NT = Hp / kHeadTile, LC = p.layer_count;
   const SmemLayout L = smem_layout(Hp, LC, TERMS, FP8);
   const int q_bytes = L.a;
@@ -239,20 +279,29 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
   const int64_t N = p.chunks;
   const int64_t u_begin = blockIdx.x * units / gridDim.x, u_end = (blockIdx.x + 1) * units / gridDim.x;
 
-  // Tile u's chunks n0 .. n0 + cnt; src: this warpgroup's 64-chunk sub-tile of it.
-  auto src_of = [&](int64_t u, int64_t& b, int64_t& n0, int& cnt) {
-    b = u / tiles_per_row;
-    n0 = (u % tiles_per_row) * kTileChunks;
-    cnt = static_cast<int>(N - n0 < kTileChunks ? N - n0 : kTileChunks);
-    return p.keys + (b * N + n0 + wg * kGroupRows) * kChunkBytes;
+  // Tile u = (row b, tile t of the row): chunks n0 = t * 256 .. n0 + cnt. Walked in order by two
+  // cursors (the prefetch runs S tiles ahead), so no 64-bit division per tile.
+  struct Cursor {
+    int64_t b, t;
   };
-  auto prefetch = [&](int64_t u) {  // one cp.async group per call (empty past the end)
+  const auto start = [&] { return Cursor{u_begin / tiles_per_row, u_begin % tiles_per_row}; };
+  const auto advance = [&](Cursor& c) {
+    if (++c.t == tiles_per_row) c = Cursor{c.b + 1, 0};
+  };
+  const auto chunks_of = [&](const Cursor& c) {  // cnt of tile c
+    const int64_t n0 = c.t * kTileChunks;
+    return static_cast<int>(N - n0 < kTileChunks ? N - n0 : kTileChunks);
+  };
+  // this warpgroup's 64-chunk sub-tile of tile c
+  const auto src_of = [&](const Cursor& c) { return p.keys + (c.b * N + c.t * kTileChunks + wg * kGroupRows) * kChunkBytes; };
+  Cursor pre = start();
+  int slot = 0;  // (u - u_begin) % S of the next prefetch
+  const auto prefetch = [&](int64_t u) {  // tile u (the next in order): one cp.async group (empty past the end)
     if (u < u_end) {
-      int64_t b, n0;
-      int cnt;
-      const uint8_t* src = src_of(u, b, n0, cnt);
-      const int rows = max(0, min(kGroupRows, cnt - wg * kGroupRows));
-      load_tile(stile + ((u - u_begin) % S) * kSubTileBytes, src, rows * kChunkBytes, wt);
+      const int rows = max(0, min(kGroupRows, chunks_of(pre) - wg * kGroupRows));
+      load_tile(stile + slot * kSubTileBytes, src_of(pre), rows * kChunkBytes, wt);
+      advance(pre);
+      slot = slot + 1 == S ? 0 : slot + 1;
     }
     cp_async_commit();
   };
@@ -261,10 +310,11 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
   // what the kernels ahead of this one produce (queries, earlier passes' scores, the flag).
   grid_dependency_wait();
   int64_t cur_b = -1;
-  for (int64_t u = u_begin; u < u_end; ++u) {
-    int64_t b, n0;
-    int cnt;
-    const uint8_t* src = src_of(u, b, n0, cnt);
+  int cur_slot = 0;
+  for (Cursor c = start(); c.b * tiles_per_row + c.t < u_end; advance(c), cur_slot = cur_slot + 1 == S ? 0 : cur_slot + 1) {
+    const int64_t u = c.b * tiles_per_row + c.t, b = c.b, n0 = c.t * kTileChunks;
+    const int cnt = chunks_of(c);
+    const uint8_t* src = src_of(c);
     if (b != cur_b) {  // this row's query images and head weights into shared memory
       // Every warpgroup walks the same tiles, so all of them meet here, done with the last row.
       __syncthreads();
@@ -274,7 +324,20 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       for (int i = threadIdx.x; i < q_bytes / 16; i += kThreads) cp_async16(smem + 16 * i, gq + i);
       cp_async_commit();  // all in flight at once; waited for with the key tile below
       const float* gw = p.w_scaled + (b * p.total_layers + p.layer0) * static_cast<int64_t>(Hp);
-      for (int i = threadIdx.x; i < LC * Hp; i += kThreads) sw[i] = gw[i];
+      if constexpr (FP8) {
+        // Head-sum B tiles (head_sum_mma), one per (group of 4 layers, head tile): column
+        // 2 (l % 4) holds layer l's weights rounded to bf16, column 2 (l % 4) + 1 the remainder.
+        __nv_bfloat16* wb = reinterpret_cast<__nv_bfloat16*>(smem + L.w);
+        for (int i = threadIdx.x; i < (LC + 3) / 4 * NT * kHeadSumTileBytes / 2; i += kThreads) {
+          const int tile = i / (kHeadSumTileBytes / 2), e = i % (kHeadSumTileBytes / 2);
+          const int n = e % 64 / 8, l = tile / NT * 4 + n / 2, h = tile % NT * kHeadTile + e / 64 * 8 + e % 8;
+          const float w = l < LC ? gw[l * Hp + h] : 0.0f;
+          const __nv_bfloat16 hi = __float2bfloat16_rn(w);
+          wb[i] = n % 2 == 0 ? hi : __float2bfloat16_rn(w - __bfloat162float(hi));
+        }
+      } else {
+        for (int i = threadIdx.x; i < LC * Hp; i += kThreads) sw[i] = gw[i];
+      }
       cur_b = b;
       cp_async_wait_all();
       fence_async_shared();  // the queries, for every warpgroup's wgmma
@@ -289,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
     // are (one 128-byte K block a row); else f16 (one K block a thread).
     if constexpr (FP8) {
       const int r = wt / 2, hf = wt % 2, row = wg * kGroupRows + r;
-      const uint8_t* t = stile + ((u - u_begin) % S) * kSubTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
+      const uint8_t* t = stile + cur_slot * kSubTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
                          r * kChunkBytes;
       const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
       const bool valid = row < cnt;
@@ -313,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       if (hf == 0) sscale[row] = valid ? fabsf(scale) : 0.0f;
     } else {
       const int r = wt / 2, kb = wt % 2, row = wg * kGroupRows + r;
-      const uint8_t* t = stile + ((u - u_begin) % S) * kSubTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
+      const uint8_t* t = stile + cur_slot * kSubTileBytes + (reinterpret_cast<uintptr_t>(src) & 15) +
                          r * kChunkBytes;
       const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
       const bool valid = row < cnt;
@@ -347,18 +410,11 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       const int r = r0 + 8 * half;
       ens[half] = (!p.first_pass && r < cnt) ? p.scores[b * N + n0 + r] : 0.0f;
     }
-    auto finish_item = [&](float (&d)[64], int item) {
-      const int l = item / NT, nt = item % NT;
-      head_sum(d, sw + l * Hp + nt * kHeadTile, tq, part);
-      if (nt != NT - 1) return;
+    auto finish_layer = [&](int l, const float (&v)[2]) {  // v: layer l's head sums of rows r0, r0 + 8
       const bool first_layer = p.first_pass && l == 0;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float v = part[half];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        part[half] = 0.0f;
-        const float logit = v * sc[half];
+        const float logit = v[half] * sc[half];
         const float s = sigmoid(logit);
         if (first_layer) ens[half] = s;
         else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s);
@@ -368,11 +424,48 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
           p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch + b) * N + n0 + r] = logit;
       }
     };
-    float acc[64];
+    float acc[64], hs[4];
+    // FP8: layer l's head sums t (a copy of hs): its columns (hi, lo) are held by the thread
+    // tq = l % 4 of each row's quad.
+    auto finish_hs = [&](int l, const float (&t)[4]) {
+      const int src = (lane & ~3) | (l % 4);
+      const float v[2] = {__shfl_sync(0xffffffffu, t[0] + t[1], src), __shfl_sync(0xffffffffu, t[2] + t[3], src)};
+      finish_layer(l, v);
+    };
+    if constexpr (FP8) issue_item<1, true>(acc, atile, smem, Hp, 0);
     for (int item = 0; item < LC * NT; ++item) {
-      issue_item<TERMS, FP8>(acc, atile, smem + (item / NT) * query_layer_bytes(Hp, TERMS, FP8), Hp, item % NT);
-      wgmma_wait<0>();
-      finish_item(acc, item);
+      const int l = item / NT, nt = item % NT;
+      if constexpr (FP8) {
+        // The scoring wgmma of this item was issued by the previous one (or before the loop);
+        // the head sum and the next item's scoring then run while the layer is finished.
+        wgmma_wait<0>();  // this item's scoring, and the previous item's head sum
+        float t[4];       // volatile reads: after the wait
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[i]) : "f"(hs[i]));
+        head_sum_mma(acc, smem + L.w + (l / 4 * NT + nt) * kHeadSumTileBytes, hs, nt > 0);
+        if (item + 1 < LC * NT)
+          issue_item<1, true>(acc, atile, smem + (item + 1) / NT * query_layer_bytes(Hp, 1, true), Hp, (item + 1) % NT);
+        if (item > 0 && nt == 0) finish_hs(l - 1, t);
+        if (item + 1 < LC * NT) continue;
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[i]) : "f"(hs[i]));
+        finish_hs(l, t);
+      } else {
+        issue_item<TERMS, FP8>(acc, atile, smem + l * query_layer_bytes(Hp, TERMS, FP8), Hp, nt);
+        wgmma_wait<0>();
+        head_sum(acc, sw + l * Hp + nt * kHeadTile, tq, part);
+        if (nt != NT - 1) continue;
+        float v[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          v[half] = part[half];
+          v[half] += __shfl_xor_sync(0xffffffffu, v[half], 1);
+          v[half] += __shfl_xor_sync(0xffffffffu, v[half], 2);
+          part[half] = 0.0f;
+        }
+        finish_layer(l, v);
+      }
     }
     if (tq == 0) {
 #pragma unroll
