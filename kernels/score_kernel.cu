@@ -178,6 +178,12 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t a
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
+// Fast mode: ex2.approx and rcp.approx (a few ulp, far below the e4m3 rounding of its queries).
+__device__ __forceinline__ float sigmoid_approx(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+
+// A descriptor of p + bytes from p's (bytes % 16 == 0): the start address is its low 14 bits in
+// 16-byte units and shared memory ends below 2^18, so the sum never carries out of the field.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, int bytes) { return desc + (bytes >> 4); }
 
 // Issues (without waiting) the wgmma of one (layer, head tile) item: 8 k-steps x TERMS.
 // a: this warpgroup's A tile; q: the layer's query image; Hp: padded heads (rows of a K block).
@@ -188,20 +194,18 @@ __device__ __forceinline__ void issue_item(float (&d)[64], const uint8_t* a, con
   // accumulator mid-pipeline (ptxas C7515 serializes); the volatile cvts order the reads.
   if constexpr (!FP8) fence_operands(d);
   wgmma_fence();
+  const uint64_t da = smem_desc(a), dq = smem_desc(q + nt * kHeadTile * kSwizzleBlock);
   if constexpr (FP8) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma_m64n128k32_e4m3(d, smem_desc(a + kk * 32), smem_desc(q + nt * kHeadTile * kSwizzleBlock + kk * 32), kk > 0);
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k32_e4m3(d, desc_add(da, kk * 32), desc_add(dq, kk * 32), kk > 0);
   } else {
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const int kb = kk / 4, koff = (kk % 4) * 32;  // K block, byte offset inside the 128-byte row
-      const uint64_t da = smem_desc(a + kb * kGroupRows * kSwizzleBlock + koff);
 #pragma unroll
-      for (int t = 0; t < TERMS; ++t) {
-        const uint8_t* qb = q + (t * 2 + kb) * Hp * kSwizzleBlock + nt * kHeadTile * kSwizzleBlock + koff;
-        wgmma_m64n128k16(d, da, smem_desc(qb), kk > 0 || t > 0);
-      }
+      for (int t = 0; t < TERMS; ++t)
+        wgmma_m64n128k16(d, desc_add(da, kb * kGroupRows * kSwizzleBlock + koff),
+                         desc_add(dq, (t * 2 + kb) * Hp * kSwizzleBlock + koff), kk > 0 || t > 0);
     }
   }
   wgmma_commit();
@@ -249,8 +253,9 @@ __device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, 
 #pragma unroll
     for (int i = 0; i < 4; ++i) a[s][i] = relu_bf16x2(d[8 * s + 2 * i], d[8 * s + 2 * i + 1]);
   wgmma_fence();
+  const uint64_t dw = smem_desc_plain(wt);
 #pragma unroll
-  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], smem_desc_plain(wt + s * 2 * 128), accumulate || s > 0);
+  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], desc_add(dw, s * 2 * 128), accumulate || s > 0);
   wgmma_commit();
 }
 
@@ -415,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const float logit = v[half] * sc[half];
-        const float s = sigmoid(logit);
+        const float s = FP8 ? sigmoid_approx(logit) : sigmoid(logit);
         if (first_layer) ens[half] = s;
         else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s);
         else ens[half] = fmaxf(ens[half], s);
