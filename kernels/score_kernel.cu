@@ -438,8 +438,14 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       finish_layer(l, v);
     };
     if constexpr (FP8) issue_item<1, true>(acc, atile, smem, Hp, 0);
-    for (int item = 0; item < LC * NT; ++item) {
-      const int l = item / NT, nt = item % NT;
+    struct Item {  // (layer, head tile), walked in order without a division by NT
+      int l, nt;
+    };
+    const auto next = [&](Item i) { return i.nt + 1 == NT ? Item{i.l + 1, 0} : Item{i.l, i.nt + 1}; };
+    for (Item it{0, 0}; it.l < LC; it = next(it)) {
+      const int l = it.l, nt = it.nt;
+      const Item nx = next(it);
+      const bool has_next = nx.l < LC;
       if constexpr (FP8) {
         // The scoring wgmma of this item was issued by the previous one (or before the loop);
         // the head sum and the next item's scoring then run while the layer is finished.
@@ -448,10 +454,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
 #pragma unroll
         for (int i = 0; i < 4; ++i) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[i]) : "f"(hs[i]));
         head_sum_mma(acc, smem + L.w + (l / 4 * NT + nt) * kHeadSumTileBytes, hs, nt > 0);
-        if (item + 1 < LC * NT)
-          issue_item<1, true>(acc, atile, smem + (item + 1) / NT * query_layer_bytes(Hp, 1, true), Hp, (item + 1) % NT);
-        if (item > 0 && nt == 0) finish_hs(l - 1, t);
-        if (item + 1 < LC * NT) continue;
+        if (has_next) issue_item<1, true>(acc, atile, smem + nx.l * query_layer_bytes(Hp, 1, true), Hp, nx.nt);
+        if (l > 0 && nt == 0) finish_hs(l - 1, t);
+        if (has_next) continue;
         wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < 4; ++i) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[i]) : "f"(hs[i]));
