@@ -1,11 +1,16 @@
 // Small-batch projection y[b, r] = sum_k W[r, k] * x[b, k] for B <= 4 rows, fp32 or bf16
 // weights, fp32 inputs and accumulation. At B = 1 the retriever's query side is a read of
 // all weights (510 MB fp32 / 255 MB bf16), so this is a pure weight stream: one warp per
-// output row, 16-byte streaming loads of W (no L1 allocation), x from L1.
+// output row, 16-byte streaming loads of W (no L1 allocation), x from L1. The second
+// projection (wq_b) runs as project_finish_kernel: the same row sums, with the rmsnorm before
+// and the query finish after them in the same kernel.
 // CPU reference: linear() in src/retriever/query.cpp (Eigen); cuBLAS is the B > 4 path.
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "kernels/pdl.cuh"
+#include "kernels/query_finish.cuh"
 #include "kernels/retriever_kernels.hpp"
 
 namespace flashmem::kernels {
@@ -14,6 +19,9 @@ namespace {
 
 constexpr int kGemvWarps = 8;
 constexpr int kLoadsInFlight = 8;  // per lane: 128 bytes, 4 KB per warp
+// The fused kernel's warps, 16 rows of a head each. 16 warps of 8 rows (4 loads in flight)
+// must fit 40 registers for 3 blocks an SM: they spill, and measured slower on the H100.
+constexpr int kFusedWarps = 8;
 
 __device__ __forceinline__ uint4 load_stream(const void* p) {
   uint4 v;
@@ -38,70 +46,33 @@ __device__ __forceinline__ void widen(const uint4& v, float (&out)[16 / sizeof(W
   }
 }
 
-// Contract: for z = blockIdx.y (a batch of independent matrices, e.g. layers), rows r of
-// W_z = W + z*w_lstride ([rows, K] row-major, rows 16-byte aligned), x_z[b] = x + z*x_lstride
-// + b*x_bstride, y_z[b][r] = y[z*y_lstride + b*y_bstride + r]. Grid (ceil(rows/8), Z), 256
-// threads; K % (16 / sizeof(WT)) == 0. Chained launch (pdl.cuh): the first weight loads are
-// issued before waiting for the kernel that writes x.
-// x_norm (optional, [Z, K]): x_z[b] is RMS-normalised first (x * inv_rms * x_norm[z], the
-// rmsnorm of query_kernels.cu, same order and roundings), into shared memory.
-template <typename WT, int NB>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restrict__ W, int64_t rows, int K,
-                                                               int64_t w_lstride, const float* __restrict__ x,
-                                                               int64_t x_lstride, int64_t x_bstride,
-                                                               const float* __restrict__ x_norm,
-                                                               float* __restrict__ y, int64_t y_lstride,
-                                                               int64_t y_bstride) {
+// A lane's batch of 16-byte loads of row w: k0 + u*32*V for u < LOADS (those < K), all issued
+// before the first is used (Little's law: each SM needs tens of KB in flight to stream at full
+// HBM bandwidth).
+template <typename WT, int LOADS>
+__device__ __forceinline__ void load_batch(uint4 (&raw)[LOADS], const WT* w, int k0, int K) {
+  constexpr int V = 16 / sizeof(WT);
+#pragma unroll
+  for (int u = 0; u < LOADS; ++u)
+    if (k0 + u * 32 * V < K) raw[u] = load_stream(w + k0 + u * 32 * V);
+}
+
+// acc[b] = this lane's part of row w . x[b*xb ..]: k = lane*V + 32*V*i + j in increasing k, one
+// FMA chain per b. Both kernels sum every row through this (then warp_sum), so the fused
+// kernel's q is bitwise the q_raw of gemv_kernel. raw holds the row's first batch already: the
+// callers issue it early (before their grid wait for the first row: W is no kernel's output).
+template <typename WT, int NB, int LOADS>
+__device__ __forceinline__ void lane_dot(uint4 (&raw)[LOADS], const WT* w, int K, const float* x, int64_t xb,
+                                         float (&acc)[NB]) {
   constexpr int V = 16 / sizeof(WT);
   static_assert(V == 4 || V == 8, "16-byte loads of fp32 or bf16");
-  allow_dependents();
-  extern __shared__ float4 xs_raw[];
   const int lane = threadIdx.x % 32;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
-  const int64_t z = blockIdx.y;
-  const WT* w = W + z * w_lstride + min(r, rows - 1) * K;
-  const float* xz = x + z * x_lstride;
-  int64_t xb = x_bstride;
-  // kLoadsInFlight 16-byte loads are issued before the first is used (Little's law: each SM
-  // needs tens of KB in flight to stream at full HBM bandwidth); the first batch before waiting
-  // for the kernel that writes x.
-  uint4 raw[kLoadsInFlight];
-  auto load_batch = [&](int k0) {
-#pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u)
-      if (k0 + u * 32 * V < K) raw[u] = load_stream(w + k0 + u * 32 * V);
-  };
-  load_batch(lane * V);
-  grid_dependency_wait();  // x is the previous kernel's output
-  if (x_norm) {  // normalised rows into shared memory (every thread of the block takes part)
-    float* xs = reinterpret_cast<float*>(xs_raw);
-    const float* nz = x_norm + z * K;
-    __shared__ double partial[kGemvWarps];
-    for (int b = 0; b < NB; ++b) {
-      const float* xr = xz + b * x_bstride;
-      double sum = 0.0;
-      for (int k = threadIdx.x; k < K; k += kGemvWarps * 32) sum += static_cast<double>(xr[k]) * static_cast<double>(xr[k]);
-      for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane == 0) partial[threadIdx.x / 32] = sum;
-      __syncthreads();
-      double total = 0.0;
-      for (int i = 0; i < kGemvWarps; ++i) total += partial[i];
-      const float mean = static_cast<float>(total / static_cast<double>(K));
-      const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, 1e-6f)));
-      for (int k = threadIdx.x; k < K; k += kGemvWarps * 32) xs[b * K + k] = __fmul_rn(__fmul_rn(xr[k], inv), nz[k]);
-      __syncthreads();
-    }
-    xz = xs;
-    xb = K;
-  }
-  if (r >= rows) return;
-  float acc[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
-  for (int k0 = lane * V; k0 < K; k0 += 32 * V * kLoadsInFlight) {
-    if (k0 != lane * V) load_batch(k0);
+  for (int k0 = lane * V; k0 < K; k0 += 32 * V * LOADS) {
+    if (k0 != lane * V) load_batch(raw, w, k0, K);
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
+    for (int u = 0; u < LOADS; ++u) {
       const int k = k0 + u * 32 * V;
       if (k >= K) break;
       float wv[V];
@@ -110,43 +81,144 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
       for (int b = 0; b < NB; ++b) {
 #pragma unroll
         for (int j = 0; j < V; j += 4) {
-          const float4 xv = *reinterpret_cast<const float4*>(xz + b * xb + k + j);
+          const float4 xv = *reinterpret_cast<const float4*>(x + b * xb + k + j);
           acc[b] += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
         }
       }
     }
   }
+}
+
+// The lanes' parts summed by a butterfly: every lane ends with the same value.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Contract: for z = blockIdx.y (a batch of independent matrices, e.g. layers), rows r of
+// W_z = W + z*w_lstride ([rows, K] row-major, rows 16-byte aligned), x_z[b] = x + z*x_lstride
+// + b*x_bstride, y_z[b][r] = y[z*y_lstride + b*y_bstride + r]. Grid (ceil(rows/8), Z), 256
+// threads, one warp per row; K % (16 / sizeof(WT)) == 0. Chained launch (pdl.cuh): the first
+// weight loads are issued before waiting for the kernel that writes x.
+template <typename WT, int NB>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restrict__ W, int64_t rows, int K,
+                                                               int64_t w_lstride, const float* __restrict__ x,
+                                                               int64_t x_lstride, int64_t x_bstride,
+                                                               float* __restrict__ y, int64_t y_lstride,
+                                                               int64_t y_bstride) {
+  constexpr int V = 16 / sizeof(WT);
+  allow_dependents();
+  const int lane = threadIdx.x % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  const int64_t z = blockIdx.y;
+  const WT* w = W + z * w_lstride + min(r, rows - 1) * K;
+  uint4 raw[kLoadsInFlight];
+  load_batch(raw, w, lane * V, K);
+  grid_dependency_wait();  // x is the previous kernel's output
+  if (r >= rows) return;
+  float acc[NB];
+  lane_dot(raw, w, K, x + z * x_lstride, x_bstride, acc);
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
-    float v = acc[b];
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const float v = warp_sum(acc[b]);
     if (lane == b) y[z * y_lstride + b * y_bstride + r] = v;
   }
 }
 
-template <typename WT>
-cudaError_t launch(const WT* W, int64_t rows, int K, int64_t w_lstride, int Z, const float* x, int64_t x_lstride,
-                   int64_t x_bstride, const float* x_norm, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                   bool chained, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((rows + kGemvWarps - 1) / kGemvWarps), Z);
-  const int threads = kGemvWarps * 32;
-  const size_t smem = x_norm ? static_cast<size_t>(B) * K * 4 : 0;
-#define FM_GEMV_CASE(NB)                                                                                          \
-  case NB:                                                                                                        \
-    err = launch_chained(chained, gemv_kernel<WT, NB>, grid, dim3(threads), smem, stream, W, rows, K, w_lstride,   \
-                         x, x_lstride, x_bstride, x_norm, y, y_lstride, y_bstride);                               \
-    break;
-  cudaError_t err = cudaSuccess;
+// Contract: block (h, l) = head h of layer l: rows h*128 .. h*128+127 of W_l = W + l*w_lstride
+// ([H*128, K] row-major, rows 16-byte aligned), x_l[b] = x + l*x_lstride + b*x_bstride; f.B = NB.
+// Warp w sums rows w, w + kFusedWarps, ... as gemv_kernel sums a row, into shared memory; then
+// warp b < NB finishes row b of the head (query_finish.cuh) from there. q_raw never leaves the
+// block: one kernel of the chain fewer than gemv + finish_queries. Each warp has one batch of
+// its row in flight at a time, which 24 warps an SM make ~96 KB: on the H100 neither
+// contiguous rows per warp nor loading the next row's batch during a row's sums (which
+// spills) measured faster.
+// x_norm (optional, [L, K]): x_l[b] is RMS-normalised first (x * inv_rms * x_norm[l], as
+// rmsnorm_kernel does), into dynamic shared memory (NB * K floats).
+// Grid (H, L), kFusedWarps * 32 threads: 3 blocks per SM keep all 3 * 128 blocks of the released
+// dimensions resident at once on 132 SMs (one wave, no tail of late blocks).
+template <typename WT, int NB, int TERMS, bool FP8>
+__global__ void __launch_bounds__(kFusedWarps * 32, 3)
+    project_finish_kernel(const WT* __restrict__ W, int K, int64_t w_lstride, const float* __restrict__ x,
+                          int64_t x_lstride, int64_t x_bstride, const float* __restrict__ x_norm, QueryFinish f) {
+  constexpr int V = 16 / sizeof(WT);
+  static_assert(NB <= kFusedWarps, "a warp per batch row finishes the head");
+  allow_dependents();
+  extern __shared__ float4 xs_raw[];
+  __shared__ float4 q[NB][kHeadDim / 4];
+  __shared__ double partial[kRmsThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, h = blockIdx.x, l = blockIdx.y;
+  const WT* w0 = W + l * w_lstride + (static_cast<int64_t>(h) * kHeadDim + warp) * K;
+  uint4 raw[kLoadsInFlight];
+  load_batch(raw, w0, lane * V, K);
+  const float4 cs = warp < NB ? rope_pairs(f.angles, warp, lane) : float4{};
+  grid_dependency_wait();  // x and f.proj are the previous kernel's output
+  const float* xl = x + l * x_lstride;
+  int64_t xb = x_bstride;
+  if (x_norm) {
+    float* xs = reinterpret_cast<float*>(xs_raw);
+    const float* nl = x_norm + static_cast<int64_t>(l) * K;
+    for (int b = 0; b < NB; ++b) {
+      const float* xr = xl + b * x_bstride;
+      const float inv = inv_rms(xr, K, partial);
+      for (int k = threadIdx.x; k < K; k += kFusedWarps * 32) xs[b * K + k] = rms_scale(xr[k], inv, nl[k]);
+      __syncthreads();
+    }
+    xl = xs;
+    xb = K;
+  }
+  for (int d = warp; d < kHeadDim; d += kFusedWarps) {
+    const WT* w = w0 + static_cast<int64_t>(d - warp) * K;
+    if (d != warp) load_batch(raw, w, lane * V, K);
+    float acc[NB];
+    lane_dot(raw, w, K, xl, xb, acc);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      const float v = warp_sum(acc[b]);
+      if (lane == 0) reinterpret_cast<float*>(q[b])[d] = v;
+    }
+  }
+  __syncthreads();
+  if (warp < NB) finish_head_row<TERMS, FP8>(q[warp][lane], cs, lane, h, l, warp, f);
+}
+
+// Calls fn(std::integral_constant<int, NB>{}) for NB = B, 1 <= B <= kGemvMaxBatch.
+template <typename Fn>
+cudaError_t with_batch(int B, Fn&& fn) {
   switch (B) {
-    FM_GEMV_CASE(1)
-    FM_GEMV_CASE(2)
-    FM_GEMV_CASE(3)
-    FM_GEMV_CASE(4)
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
     default: return cudaErrorInvalidValue;
   }
-#undef FM_GEMV_CASE
-  return err;
 }
+
+template <typename WT>
+cudaError_t launch_gemv(const WT* W, int64_t rows, int K, int64_t w_lstride, int Z, const float* x, int64_t x_lstride,
+                        int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride, bool chained,
+                        cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((rows + kGemvWarps - 1) / kGemvWarps), Z);
+  return with_batch(B, [&](auto nb) {
+    return launch_chained(chained, gemv_kernel<WT, decltype(nb)::value>, grid, dim3(kGemvWarps * 32), 0, stream, W,
+                          rows, K, w_lstride, x, x_lstride, x_bstride, y, y_lstride, y_bstride);
+  });
+}
+
+template <typename WT>
+cudaError_t launch_project_finish(const WT* W, int K, int64_t w_lstride, const float* x, int64_t x_lstride,
+                                  int64_t x_bstride, const float* x_norm, const QueryFinish& f, cudaStream_t stream) {
+  const size_t smem = x_norm ? static_cast<size_t>(f.B) * K * 4 : 0;
+  return with_batch(f.B, [&](auto nb) {
+    return with_finish_precision(f, [&](auto terms, auto fp8) {
+      return launch_chained(true, project_finish_kernel<WT, decltype(nb)::value, decltype(terms)::value, decltype(fp8)::value>,
+                            dim3(f.H, f.L), dim3(kFusedWarps * 32), smem, stream, W, K, w_lstride, x, x_lstride,
+                            x_bstride, x_norm, f);
+    });
+  });
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
@@ -157,15 +229,24 @@ bool gemv_supported(int B, int K, bool bf16_weights) {
 
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 bool chained, cudaStream_t stream, const float* x_norm) {
-  if (!gemv_supported(B, K, bf16_weights) || reinterpret_cast<uintptr_t>(W) % 16 || reinterpret_cast<uintptr_t>(x) % 16)
-    return cudaErrorInvalidValue;
-  if (x_norm && static_cast<int64_t>(B) * K * 4 > 48 * 1024) return cudaErrorInvalidValue;
+                 bool chained, cudaStream_t stream) {
+  if (!gemv_supported(B, K, bf16_weights) || !aligned16(W) || !aligned16(x)) return cudaErrorInvalidValue;
   if (bf16_weights)
-    return launch(static_cast<const __nv_bfloat16*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, x_norm, B, y,
-                  y_lstride, y_bstride, chained, stream);
-  return launch(static_cast<const float*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, x_norm, B, y, y_lstride,
-                y_bstride, chained, stream);
+    return launch_gemv(static_cast<const __nv_bfloat16*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y,
+                       y_lstride, y_bstride, chained, stream);
+  return launch_gemv(static_cast<const float*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y, y_lstride,
+                     y_bstride, chained, stream);
+}
+
+cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int64_t w_lstride, const float* x,
+                                   int64_t x_lstride, int64_t x_bstride, const float* x_norm, const QueryFinish& f,
+                                   cudaStream_t stream) {
+  if (!gemv_supported(f.B, K, bf16_weights) || !aligned16(W) || (!x_norm && !aligned16(x))) return cudaErrorInvalidValue;
+  if (x_norm && static_cast<int64_t>(f.B) * K * 4 > 48 * 1024) return cudaErrorInvalidValue;
+  if (bf16_weights)
+    return launch_project_finish(static_cast<const __nv_bfloat16*>(W), K, w_lstride, x, x_lstride, x_bstride, x_norm, f,
+                                 stream);
+  return launch_project_finish(static_cast<const float*>(W), K, w_lstride, x, x_lstride, x_bstride, x_norm, f, stream);
 }
 
 }  // namespace flashmem::kernels

@@ -1,8 +1,9 @@
 // CUDA kernels of the retriever (SPEC 3-4): raw device pointers and a stream in, a
 // cudaError_t out (the launch's error; the caller checks it). No framework types here.
-// rmsnorm_rows, finish_queries and score_chunks (and gemv when asked) are programmatic
-// dependent launches (kernels/pdl.cuh): each may start before the kernel ahead of it in the
-// stream ends and waits for it before reading its outputs, so the chain runs without gaps.
+// rmsnorm_rows, finish_queries, project_finish_queries and score_chunks (and gemv when asked)
+// are programmatic dependent launches (kernels/pdl.cuh): each may start before the kernel ahead
+// of it in the stream ends and waits for it before reading its outputs, so the chain runs
+// without gaps.
 // The CPU references are src/retriever/query.cpp (query side), the CPU backend's
 // score_tiles (scoring) and src/retriever/selection.cpp (selection).
 #pragma once
@@ -37,15 +38,13 @@ inline int64_t query_fragment_bytes(int H, int terms, bool fp8) {
 // Small-batch projection for B <= kGemvMaxBatch (gemv_kernel.cu): for z < Z,
 // y[z*y_lstride + b*y_bstride + r] = sum_k W[z*w_lstride + r*K + k] * x[z*x_lstride + b*x_bstride + k],
 // W fp32 or bf16 (16-byte aligned rows), x and y fp32. Needs K % 4 (fp32) or K % 8 (bf16) == 0
-// and x_bstride, x_lstride multiples of 4 (without x_norm). chained: a programmatic dependent launch (pdl.cuh)
-// that starts streaming W while the kernel before it, which writes x, finishes.
-// x_norm (optional, [Z, K] fp32): each x row is first RMS-normalised as rmsnorm_rows does
-// (x * inv_rms(x) * x_norm[z], bitwise the same), inside the kernel (B * K * 4 <= 48 KB).
+// and x (16-byte aligned), x_bstride, x_lstride multiples of 4. chained: a programmatic dependent
+// launch (pdl.cuh) that starts streaming W while the kernel before it, which writes x, finishes.
 constexpr int kGemvMaxBatch = 4;
 bool gemv_supported(int B, int K, bool bf16_weights);
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 bool chained, cudaStream_t stream, const float* x_norm = nullptr);
+                 bool chained, cudaStream_t stream);
 
 // RMSNorm of the first projection's q part (SPEC 3.2). proj [B, P] row-major with layer l's
 // wq_a output at columns l*stride .. l*stride+R; out: [L, B, R] (float or bf16 when out_bf16).
@@ -55,14 +54,38 @@ cudaError_t rmsnorm_rows(const float* proj, int64_t P, int64_t stride, const flo
 // float32 -> bf16 (round to nearest even), n values.
 cudaError_t to_bf16(const float* in, void* out_bf16, int64_t n, cudaStream_t stream);
 
-// Steps 3.4-3.7 on the second projection: q_raw [L, B, H*128], fused_raw = proj columns
-// l*stride + R .. + H of proj [B, P]; angles [B, 32, 2] (cos, sin at the clamped positions,
-// computed on the host by the CPU's rope_at so both backends use identical values; 16-byte
-// aligned, device memory or mapped pinned host memory).
-// Writes qfrag [B, L, fragment] and w_scaled [B, L, H].
-cudaError_t finish_queries(const float* q_raw, const float* proj, int64_t P, int64_t stride, int64_t R,
-                           const float* angles, int L, int B, int H, float head_scale, int terms, bool fp8,
-                           void* qfrag, float* w_scaled, cudaStream_t stream);
+// The query finish, steps 3.4-3.7 on the second projection's output q (SPEC 3), per layer l
+// and row b: fused_raw = proj columns l*stride + R .. + H of proj [B, P] (the first
+// projection's output); angles [B, 32, 2] (cos, sin at the clamped positions, computed on the
+// host by the CPU's rope_at so both backends use identical values; 16-byte aligned, device
+// memory or mapped pinned host memory); head_scale: 128^-0.5 * H^-0.5 (SPEC 3.7). Writes qfrag
+// [B, L, query_fragment_bytes(H, terms, fp8)] and w_scaled [B, L, Hp] (terms 1 or 2; fp8
+// needs terms 1).
+struct QueryFinish {
+  const float* proj;
+  int64_t P, stride, R;
+  const float* angles;
+  int L, B, H;
+  float head_scale;
+  int terms;
+  bool fp8;
+  void* qfrag;
+  float* w_scaled;
+};
+
+// The finish on q_raw [L, B, H*128], the cuBLAS projections' output (B > kGemvMaxBatch).
+cudaError_t finish_queries(const float* q_raw, const QueryFinish& f, cudaStream_t stream);
+
+// The second projection and the finish as one kernel for f.B <= kGemvMaxBatch (gemv_kernel.cu;
+// the same needs as gemv): layer l's q[b] = W_l x_l[b], W_l = W + l*w_lstride [H*128, K],
+// x_l[b] = x + l*x_lstride + b*x_bstride, each row summed bitwise as gemv sums it, then finished
+// in the kernel (no q_raw in memory). x_norm (optional, [L, K] fp32): each x row is first
+// RMS-normalised as rmsnorm_rows does, bitwise the same (f.B * K * 4 <= 48 KB; x then needs no
+// alignment). A programmatic dependent launch: W streams while the kernel that writes x and
+// f.proj finishes.
+cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int64_t w_lstride, const float* x,
+                                   int64_t x_lstride, int64_t x_bstride, const float* x_norm, const QueryFinish& f,
+                                   cudaStream_t stream);
 
 // Scoring (SPEC 4): keys [B, N, 132] device, 4-byte aligned. Layers [layer0, layer0+count) of
 // qfrag/w_scaled. Per chunk: logit_l = sum_h relu(q_lh . k) * w_lh, score = ensemble of

@@ -36,6 +36,8 @@
 #ifdef FLASHMEM_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "kernels/retriever_kernels.hpp"
+#include "src/numerics/bf16.hpp"
 #include "src/retriever/cuda_retriever.hpp"
 
 using namespace flashmem;
@@ -451,6 +453,94 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   }
   cudaFree(keys);
   cudaFree(hidden);
+}
+
+TEST_CASE("fused wq_b + query finish is bitwise the gemv + finish_queries chain") {
+  // The B <= 4 path computes q inside project_finish_queries; the separate kernels are the
+  // reference (the retriever's other tests see only the scores, to a tolerance).
+  std::mt19937_64 rng(31);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<void*> owned;
+  cudaStream_t stream = nullptr;  // a blocking stream: ordered with the cudaMemcpy calls here
+  REQUIRE(cudaStreamCreate(&stream) == cudaSuccess);
+  auto device = [&](const void* host, size_t bytes) {
+    void* p = nullptr;
+    REQUIRE(cudaMalloc(&p, bytes) == cudaSuccess);
+    owned.push_back(p);
+    if (host) REQUIRE(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice) == cudaSuccess);
+    else REQUIRE(cudaMemset(p, 0, bytes) == cudaSuccess);
+    return p;
+  };
+  auto randoms = [&](size_t n, float mean) {
+    std::vector<float> v(n);
+    for (float& x : v) x = mean + normal(rng);
+    return v;
+  };
+  const int L = 2;
+  for (const auto& dims : {std::pair{520, 3}, std::pair{2048, 5}}) {  // K = 520: partial load batches
+    const int K = dims.first, H = dims.second;
+    const int64_t rows = int64_t{H} * kernels::kHeadDim, stride = K + H, P = L * stride;
+    const std::vector<float> w = randoms(L * rows * K, 0.0f);
+    std::vector<uint16_t> w_bf16(w.size());
+    for (size_t i = 0; i < w.size(); ++i) w_bf16[i] = bf16_bits_from_float(w[i]);
+    const void* w_f32_d = device(w.data(), w.size() * 4);
+    const void* w_bf16_d = device(w_bf16.data(), w_bf16.size() * 2);
+    const std::vector<float> q_norm = randoms(L * K, 1.0f);
+    const float* q_norm_d = static_cast<const float*>(device(q_norm.data(), q_norm.size() * 4));
+    for (int B : {1, 2, 4}) {
+      const std::vector<float> proj = randoms(B * P, 0.0f);
+      std::vector<float> angles(B * 64);
+      for (size_t i = 0; i < angles.size(); i += 2) {
+        const float t = 3.0f * normal(rng);
+        angles[i] = std::cos(t);
+        angles[i + 1] = std::sin(t);
+      }
+      const float* proj_d = static_cast<const float*>(device(proj.data(), proj.size() * 4));
+      const float* angles_d = static_cast<const float*>(device(angles.data(), angles.size() * 4));
+      float* a_d = static_cast<float*>(device(nullptr, int64_t{L} * B * K * 4));
+      float* qraw_d = static_cast<float*>(device(nullptr, L * B * rows * 4));
+      REQUIRE(kernels::rmsnorm_rows(proj_d, P, stride, q_norm_d, L, B, K, a_d, false, stream) == cudaSuccess);
+      for (const bool bf16 : {false, true}) {
+        const void* w_d = bf16 ? w_bf16_d : w_f32_d;
+        REQUIRE(kernels::gemv(w_d, bf16, rows, K, rows * K, L, a_d, int64_t{B} * K, K, B, qraw_d, B * rows, rows, true,
+                              stream) == cudaSuccess);
+        for (const auto& precision : {std::pair{2, false}, std::pair{1, false}, std::pair{1, true}}) {
+          const int terms = precision.first;
+          const bool fp8 = precision.second;
+          const int Hp = kernels::padded_heads(H);
+          const size_t frag_bytes = B * L * kernels::query_fragment_bytes(H, terms, fp8), w_bytes = B * L * Hp * 4;
+          auto finish = [&]() {
+            kernels::QueryFinish f{proj_d, P, stride, K, angles_d, L, B, H, 0.0625f, terms, fp8,
+                                   device(nullptr, frag_bytes), static_cast<float*>(device(nullptr, w_bytes))};
+            return f;
+          };
+          auto fetch = [&](const kernels::QueryFinish& f) {
+            std::vector<uint8_t> out(frag_bytes + w_bytes);
+            REQUIRE(cudaMemcpy(out.data(), f.qfrag, frag_bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
+            REQUIRE(cudaMemcpy(out.data() + frag_bytes, f.w_scaled, w_bytes, cudaMemcpyDeviceToHost) == cudaSuccess);
+            return out;
+          };
+          const kernels::QueryFinish ref = finish(), normed = finish(), prenormed = finish();
+          REQUIRE(kernels::finish_queries(qraw_d, ref, stream) == cudaSuccess);
+          REQUIRE(kernels::project_finish_queries(w_d, bf16, K, rows * K, proj_d, stride, P, q_norm_d, normed, stream) ==
+                  cudaSuccess);
+          REQUIRE(kernels::project_finish_queries(w_d, bf16, K, rows * K, a_d, int64_t{B} * K, K, nullptr, prenormed,
+                                                  stream) == cudaSuccess);
+          const std::vector<uint8_t> want = fetch(ref);
+          CAPTURE(K);
+          CAPTURE(B);
+          CAPTURE(bf16);
+          CAPTURE(terms);
+          CAPTURE(fp8);
+          CHECK(std::any_of(want.begin(), want.end(), [](uint8_t v) { return v != 0; }));
+          CHECK(fetch(normed) == want);
+          CHECK(fetch(prenormed) == want);
+        }
+      }
+    }
+  }
+  cudaStreamDestroy(stream);
+  for (void* p : owned) cudaFree(p);
 }
 
 #endif  // FLASHMEM_HAVE_CUDA

@@ -1,9 +1,10 @@
 // The CUDA backend of Retriever: the projections (all layers' wq_a and weights_proj as one
 // matrix, wq_b batched over layers) through cuBLAS, or at B <= 4 through our weight-streaming
-// GEMV (kernels/gemv_kernel.cu, faster at the bandwidth-bound B = 1), then the kernels of kernels/ (query finish, scoring,
-// selection). A score call's stream work (projections to scoring) is one CUDA graph, captured
-// once per shape and buffer set and replayed: at B = 1 the launch overheads of its ~8 operations
-// are a large part of the call. Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS
+// GEMV (kernels/gemv_kernel.cu, faster at the bandwidth-bound B = 1; there wq_b and the query
+// finish are one kernel), then the kernels of kernels/ (query finish, scoring, selection). A
+// score call's stream work (projections to scoring) is one CUDA graph, captured once per shape
+// and buffer set and replayed: at B = 1 the launch overheads of its ~8 operations are a large
+// part of the call. Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS
 // (file:line).
 #include "src/retriever/cuda_retriever.hpp"
 
@@ -318,7 +319,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
                     reinterpret_cast<uintptr_t>(hidden) % 16 == 0;
     x.proj = static_cast<float*>(d_proj_.reserve(B * P_ * 4, "the projections [B, L*(R+H)]", &bytes_));
     x.a = d_a_.reserve(static_cast<size_t>(L_) * B * R_ * 4, "the normalised q-LoRA [L, B, R]", &bytes_);
-    x.qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
+    if (!x.custom_gemv)  // the fused kernel of the custom path keeps its raw queries on chip
+      x.qraw = static_cast<float*>(d_qraw_.reserve(static_cast<size_t>(L_) * B * H_ * kKeyDim * 4, "the raw queries", &bytes_));
     x.frag_bytes = static_cast<size_t>(B) * L_ * kernels::query_fragment_bytes(static_cast<int>(H_), terms_, fp8_);
     x.qfrag = d_qfrag_.reserve(x.frag_bytes, "the query fragments", &bytes_);
     x.wsc = static_cast<float*>(d_w_.reserve(static_cast<size_t>(B) * L_ * Hp * 4, "the head weights", &bytes_));
@@ -378,18 +380,32 @@ class CudaRetrieverImpl final : public CudaRetriever {
     float* proj = x.proj;
     float* qraw = x.qraw;
     void* a = x.a;
+    kernels::QueryFinish f{};
+    f.proj = proj;
+    f.P = P_;
+    f.stride = stride_;
+    f.R = R_;
+    f.angles = x.angles;
+    f.L = L_;
+    f.B = static_cast<int>(B);
+    f.H = static_cast<int>(H_);
+    f.head_scale = static_cast<float>(std::pow(128.0, -0.5) * std::pow(static_cast<double>(H_), -0.5));
+    f.terms = terms_;
+    f.fp8 = fp8_;
+    f.qfrag = x.qfrag;
+    f.w_scaled = x.wsc;
     if (x.custom_gemv) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
       FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, x.hidden, 0, D_, static_cast<int>(B),
                             proj, 0, P_, /*chained=*/false, stream_));
-      if (B * R_ * 4 <= 48 * 1024) {  // the rmsnorm inside the second GEMV (one kernel fewer in the chain)
-        FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_, proj,
-                              stride_, P_, static_cast<int>(B), qraw, static_cast<int64_t>(B) * HD, HD, /*chained=*/true,
-                              stream_, d_qnorm_.as<float>()));
+      // wq_b with the query finish in the same kernel, and the rmsnorm too where its rows fit in
+      // shared memory (each kernel fewer in the chain is a launch gap and a wait fewer).
+      if (B * R_ * 4 <= 48 * 1024) {
+        FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
+                                                proj, stride_, P_, d_qnorm_.as<float>(), f, stream_));
       } else {
         FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
-        FM_CUDA(kernels::gemv(d_wb_.as<void>(), fast_, HD, static_cast<int>(R_), static_cast<int64_t>(HD) * R_, L_,
-                              static_cast<const float*>(a), B * R_, R_, static_cast<int>(B), qraw,
-                              static_cast<int64_t>(B) * HD, HD, /*chained=*/true, stream_));
+        FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
+                                                static_cast<const float*>(a), B * R_, R_, nullptr, f, stream_));
       }
     } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
@@ -409,6 +425,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
                                             static_cast<long long>(HD) * R_, static_cast<const float*>(a), R_, B * R_,
                                             &zero, qraw, HD, static_cast<long long>(B) * HD, L_));
       }
+      FM_CUDA(kernels::finish_queries(qraw, f, stream_));
     } else {
       FM_CUDA(kernels::to_bf16(x.hidden, x.xb, B * D_, stream_));
       FM_CUBLAS(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, d_wa_.as<void>(), CUDA_R_16BF, D_, x.xb,
@@ -418,10 +435,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
                                            R_, static_cast<long long>(HD) * R_, a, CUDA_R_16BF, R_, B * R_, &zero, qraw,
                                            CUDA_R_32F, HD, static_cast<long long>(B) * HD, L_, CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT));
+      FM_CUDA(kernels::finish_queries(qraw, f, stream_));
     }
-    const float head_scale = static_cast<float>(std::pow(128.0, -0.5) * std::pow(static_cast<double>(H_), -0.5));
-    FM_CUDA(kernels::finish_queries(qraw, proj, P_, stride_, R_, x.angles, L_, static_cast<int>(B), static_cast<int>(H_),
-                                    head_scale, terms_, fp8_, x.qfrag, x.wsc, stream_));
 
     for (int l = x.layer0; l < x.layer0 + x.count; l += max_layers_per_pass_) {
       kernels::ScoreParams p{};
