@@ -5,12 +5,12 @@
 //   logit[l, b, n] = sum_h relu(s_bn * (q[b, l, h, :] . k8[b, n, :])) * w[b, l, h]
 //
 // Layout of the matmul: chunks are M, heads N, the 128 key dims K; Hopper warpgroup MMA
-// (wgmma m64n128k16, sm_90a) with both operands in shared memory, f16 inputs, f32
-// accumulators. A block (4 warpgroups) owns tiles of 256 chunks: each warpgroup copies its 64
-// rows of 132 bytes into shared memory (cp.async), converts them to f16 (fp8 -> f16 is exact)
-// into a 128-byte-swizzled K-major A tile, and scores them against every
+// (wgmma m64n128k16, sm_90a; fast mode m64n128k32 e4m3) with both operands in shared memory,
+// f32 accumulators. A block (4 warpgroups) owns tiles of 256 chunks: each warpgroup copies its 64
+// rows of 132 bytes into shared memory (cp.async), copies them (exact mode: converted to f16,
+// fp8 -> f16 is exact) into a 128-byte-swizzled K-major A tile, and scores them against every
 // layer's query (all heads, staged once per batch row in the same swizzled layout by
-// finish_queries) with 8 wgmma per layer and 128-head tile (16 in exact mode). relu, the
+// the query finish) with 4 wgmma per layer and 128-head tile (16 in exact mode). relu, the
 // head weights, the head sum, the scale, sigmoid and the max/mean ensemble stay in
 // registers; only [B, N] scores (and per-layer logits on request) reach device memory.
 //
@@ -35,10 +35,16 @@
 //   two __syncthreads a tile) fast 0.294 / exact 0.688 ms, decoupled 0.273 / 0.608 ms; fast
 //   with 3 sub-tiles in flight instead of 2: the same (0.274). Before (lock-step): 2 / 3 / 4
 //   warpgroups 0.410 / 0.367 / 0.349 ms (fp16 fast scoring).
-// - One accumulator set per warpgroup, waited for before its epilogue.
+// - Head sum: exact mode does relu * w and the sum on the fp32 pipes; fast mode packs relu(d)
+//   to bf16 (cvt.rn.relu.bf16x2, 2 values an instruction) and multiplies it on the tensor cores
+//   (wgmma m64n8k16, A from registers) by a [128 heads x 8] tile holding, for up to 4 layers,
+//   each weight as bf16 hi + lo columns; that head sum is issued together with the next item's
+//   scoring. (It took fast B 1 N 1M from 0.273 to 0.258 ms device time on its own.)
+// - One accumulator set per warpgroup (128 registers a thread at 512 threads leave no room
+//   for two). A ping-pong of two 64-head halves (m64n64k32, next half in flight under this
+//   half's head sum) made ptxas serialize the wgmma when written as a loop (C7514) and was
+//   slower even as straight-line code (bench/RESULTS.md), so it was dropped.
 // - Exact mode's two query terms take 64 KB a layer: one layer per pass (3 passes over the keys).
-//   Two accumulator sets per warpgroup (next item's wgmma under this item's epilogue) made
-//   ptxas serialize the wgmma (C7514), so it was dropped.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
