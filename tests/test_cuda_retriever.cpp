@@ -347,6 +347,25 @@ TEST_CASE("cuda top-k breaks ties to the lower index, as the cpu") {
   CHECK(g.top_indices == r.top_indices);
 }
 
+TEST_CASE("cuda threshold selection stays right when the batch size changes between calls") {
+  // The selection's per-row tickets live at the start of a scratch buffer that is reused while
+  // it is large enough; a larger B must not find the previous call's partial sums there.
+  // Reference: a fresh retriever for every call (same kernels, so bitwise the same scores),
+  // and each row's count against its mask.
+  auto weights = small_synthetic(128, 64, 8, 6);
+  auto reused = make_retriever(Device::Cuda, weights);
+  const SelectRule rule = SelectRule::threshold_rule(0.5f);
+  for (const auto& [B, N] : {std::pair<int64_t, int64_t>{1, 20000}, {3, 50}, {1, 7}, {4, 300}}) {
+    const Case c = random_case(B, N, 128, 40 + B);
+    const Selection got = reused->retrieve(c.inputs(), rule);
+    const Selection want = make_retriever(Device::Cuda, weights)->retrieve(c.inputs(), rule);
+    CHECK(got.keep == want.keep);
+    CHECK(got.kept_count == want.kept_count);
+    for (int64_t b = 0; b < B; ++b)
+      CHECK(got.kept_count[b] == std::count(got.keep.begin() + b * N, got.keep.begin() + (b + 1) * N, uint8_t{1}));
+  }
+}
+
 TEST_CASE("cuda bad input: as the cpu, plus device memory") {
   auto weights = small_synthetic(128, 64, 4, 11);
   auto cuda = make_retriever(Device::Cuda, weights);
@@ -431,24 +450,29 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   }
   CHECK(dev->device_bytes() == after_first);
   MESSAGE("device bytes before first call ", before, ", after ", after_first);
-  // Scoring and selection in one graph: the same results as the two calls.
-  for (const SelectRule& rule : {SelectRule::threshold_rule(0.5f), SelectRule::top_k_rule(77), SelectRule::threshold_rule(0.7f)}) {
-    auto fetch = [&](const CudaRetriever::DeviceSelection& s, bool topk) {
-      std::vector<uint8_t> keep(c.B * c.N);
-      std::vector<int64_t> count(c.B), top(topk ? c.B * 77 : 0);
-      REQUIRE(cudaMemcpy(keep.data(), s.keep, keep.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
-      REQUIRE(cudaMemcpy(count.data(), s.kept_count, count.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
-      if (topk) REQUIRE(cudaMemcpy(top.data(), s.top_indices, top.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
-      return std::make_tuple(keep, count, top);
-    };
-    const bool topk = rule.kind == SelectRule::Kind::TopK;
-    dev->score_device(din);
-    const CudaRetriever::DeviceSelection sel = dev->select_device(rule);
-    dev->synchronize();  // select_device returns without waiting; fetch copies on another stream
-    const auto two_calls = fetch(sel, topk);
-    for (int i = 0; i < 3; ++i) {  // the first call captures the graph, the others replay it
-      const auto fused = fetch(dev->score_select_device(din, rule), topk);
-      CHECK(fused == two_calls);
+  // Scoring and selection in one graph: the same results as the two calls, in both precisions.
+  RetrieverOptions fast_opt;
+  fast_opt.precision = Precision::Fast;
+  auto fast = make_retriever(Device::Cuda, weights, fast_opt);
+  for (CudaRetriever* r : {dev, dynamic_cast<CudaRetriever*>(fast.get())}) {
+    for (const SelectRule& rule : {SelectRule::threshold_rule(0.5f), SelectRule::top_k_rule(77), SelectRule::threshold_rule(0.7f)}) {
+      auto fetch = [&](const CudaRetriever::DeviceSelection& s, bool topk) {
+        std::vector<uint8_t> keep(c.B * c.N);
+        std::vector<int64_t> count(c.B), top(topk ? c.B * 77 : 0);
+        REQUIRE(cudaMemcpy(keep.data(), s.keep, keep.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+        REQUIRE(cudaMemcpy(count.data(), s.kept_count, count.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+        if (topk) REQUIRE(cudaMemcpy(top.data(), s.top_indices, top.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+        return std::make_tuple(keep, count, top);
+      };
+      const bool topk = rule.kind == SelectRule::Kind::TopK;
+      r->score_device(din);
+      const CudaRetriever::DeviceSelection sel = r->select_device(rule);
+      r->synchronize();  // select_device returns without waiting; fetch copies on another stream
+      const auto two_calls = fetch(sel, topk);
+      for (int i = 0; i < 3; ++i) {  // the first call captures the graph, the others replay it
+        const auto fused = fetch(r->score_select_device(din, rule), topk);
+        CHECK(fused == two_calls);
+      }
     }
   }
   cudaFree(keys);
