@@ -402,14 +402,18 @@ class CudaRetrieverImpl final : public CudaRetriever {
                             proj, 0, P_, /*chained=*/false, stream_));
       // wq_b with the query finish in the same kernel, and the rmsnorm too where its rows fit in
       // shared memory (each kernel fewer in the chain is a launch gap and a wait fewer).
-      if (B * R_ * 4 <= 48 * 1024) {
-        FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
-                                                proj, stride_, P_, d_qnorm_.as<float>(), f, stream_));
-      } else {
-        FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, d_qnorm_.as<float>(), L_, B, R_, a, false, stream_));
-        FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
-                                                static_cast<const float*>(a), B * R_, R_, nullptr, f, stream_));
+      const float* q_in = proj;  // layer l's row b at q_in + l * q_lstride + b * q_bstride
+      int64_t q_lstride = stride_, q_bstride = P_;
+      const float* q_norm = d_qnorm_.as<float>();
+      if (B * R_ * 4 > 48 * 1024) {  // the normalised rows are the input instead
+        FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, q_norm, L_, B, R_, a, false, stream_));
+        q_in = static_cast<const float*>(a);
+        q_lstride = B * R_;
+        q_bstride = R_;
+        q_norm = nullptr;
       }
+      FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
+                                              q_in, q_lstride, q_bstride, q_norm, f, stream_));
     } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
       const float* wb = d_wb_.as<float>();
@@ -428,7 +432,6 @@ class CudaRetrieverImpl final : public CudaRetriever {
                                             static_cast<long long>(HD) * R_, static_cast<const float*>(a), R_, B * R_,
                                             &zero, qraw, HD, static_cast<long long>(B) * HD, L_));
       }
-      FM_CUDA(kernels::finish_queries(qraw, f, stream_));
     } else {
       FM_CUDA(kernels::to_bf16(x.hidden, x.xb, B * D_, stream_));
       FM_CUBLAS(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, P_, B, D_, &one, d_wa_.as<void>(), CUDA_R_16BF, D_, x.xb,
@@ -438,8 +441,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
                                            R_, static_cast<long long>(HD) * R_, a, CUDA_R_16BF, R_, B * R_, &zero, qraw,
                                            CUDA_R_32F, HD, static_cast<long long>(B) * HD, L_, CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT));
-      FM_CUDA(kernels::finish_queries(qraw, f, stream_));
     }
+    if (!x.custom_gemv) FM_CUDA(kernels::finish_queries(qraw, f, stream_));  // the custom path finished in-kernel
 
     for (int l = x.layer0; l < x.layer0 + x.count; l += max_layers_per_pass_) {
       kernels::ScoreParams p{};
