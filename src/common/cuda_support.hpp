@@ -23,10 +23,16 @@ void* allocate_device(size_t bytes, const char* what);
 // Mapped pinned host memory: kernels read and write it directly (no copy-engine transfer).
 void* allocate_pinned(size_t bytes, void** device_ptr);
 
+// Bytes of one element of the buffers below: sizeof(T), 1 for void (a byte buffer).
+template <typename T>
+inline constexpr size_t element_bytes = sizeof(T);
+template <>
+inline constexpr size_t element_bytes<void> = 1;
+
 // A device array of T (void: bytes) that is reallocated only when a call needs more.
 template <typename T = void>
 class DeviceBuffer {
-  static constexpr size_t kElement = std::is_void_v<T> ? 1 : sizeof(std::conditional_t<std::is_void_v<T>, char, T>);
+  static constexpr size_t kElement = element_bytes<T>;
 
  public:
   DeviceBuffer() = default;
@@ -61,7 +67,7 @@ class DeviceBuffer {
 // Mapped pinned host staging of T (void: bytes), grow-only.
 template <typename T = void>
 class PinnedBuffer {
-  static constexpr size_t kElement = std::is_void_v<T> ? 1 : sizeof(std::conditional_t<std::is_void_v<T>, char, T>);
+  static constexpr size_t kElement = element_bytes<T>;
 
  public:
   PinnedBuffer() = default;
