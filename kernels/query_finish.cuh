@@ -107,9 +107,12 @@ __device__ __forceinline__ void finish_head_row(float4 q, float4 cs, int lane, i
   }
   const int Hp = padded_heads(f.H);
   if constexpr (FP8) {
-    // Dims 4*lane .. +3: 16-byte chunk lane / 4 at position chunk ^ (h % 8), bytes (lane % 4) * 4.
+    // Dims 4*lane .. +3 (key word `lane`) go to word k = 8 ((lane % 8) / 2) + 4 (lane % 2) + lane / 8
+    // of the matmul's K order (score_fp8_kernel.cu: thread tq of a quad feeds key words
+    // 8 tq .. 8 tq + 7 to k-steps 0..3): 16-byte chunk k / 4 at position chunk ^ (h % 8).
+    const int k = 8 * ((lane % 8) / 2) + 4 * (lane % 2) + lane / 8;
     uint8_t* dst = static_cast<uint8_t*>(f.qfrag) + (static_cast<int64_t>(b) * f.L + l) * (static_cast<int64_t>(Hp) * kHeadDim) +
-                   static_cast<int64_t>(h) * kHeadDim + (((lane / 4) ^ (h % 8)) * 16) + (lane % 4) * 4;
+                   static_cast<int64_t>(h) * kHeadDim + (((k / 4) ^ (h % 8)) * 16) + (k % 4) * 4;
     uint32_t packed = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j)

@@ -1,0 +1,201 @@
+// Device pieces shared by the two scoring kernels (SPEC 4): score_kernel.cu (exact mode and
+// fp16 fast scoring: both operands in shared memory, 4 decoupled warpgroups) and
+// score_fp8_kernel.cu (fast mode: e4m3 keys as register operands, a producer warpgroup and
+// three consumers). Hopper-only (sm_90a): wgmma, mbarriers, bulk copies, setmaxnreg.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "kernels/retriever_kernels.hpp"
+
+namespace flashmem::kernels {
+
+constexpr int kSmemLimit = 232448;  // sm_90 opt-in dynamic shared memory per block
+constexpr int kSwizzleBlock = 128;  // bytes of one row of a 128-byte-swizzled K block
+constexpr int kGroupRows = 64;      // wgmma M: chunks a warpgroup scores at once
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async) visible to the
+// async proxy (wgmma operands, bulk copies).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Barrier of one warpgroup's 128 threads (ids 1..4; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory"); }
+
+// True when one of the 4 bytes is an e4m3fn NaN (0x7F or 0xFF).
+__device__ __forceinline__ bool has_fp8_nan(uint32_t w) {
+  const uint32_t t = (w & 0x7F7F7F7Fu) ^ 0x7F7F7F7Fu;  // a NaN byte becomes 0
+  return ((t - 0x01010101u) & ~t & 0x80808080u) != 0;
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  return ((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+// K-major without swizzle: 8-row x 16-byte core matrices, 128 bytes apart along K, 256 along M/N.
+__device__ __forceinline__ uint64_t smem_desc_plain(const void* p) {
+  return ((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
+}
+// A descriptor of p + bytes from p's (bytes % 16 == 0): the start address is its low 14 bits in
+// 16-byte units and shared memory ends below 2^18, so the sum never carries out of the field.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, int bytes) { return desc + (bytes >> 4); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Keeps the compiler from moving accumulator reads/writes across the async MMA boundaries.
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// The 64 f32 accumulators of an m64n128 wgmma: the register list of its PTX and the asm
+// operands %0 .. %63 that bind it to d[0 .. 63].
+#define FM_WGMMA_D64                                                                                         \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "    \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define FM_WGMMA_D64_OPERANDS(d)                                                                               \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),   \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),    \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),   \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),   \
+      "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),   \
+      "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),   \
+      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),   \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// Fast mode's head sum on the tensor cores: d (+)= A[64 x 16] * B[16 x 8]^T, bf16 x bf16 -> f32,
+// A from registers (the accumulator fragment layout of the scoring wgmma), B K-major in
+// shared memory without swizzle (smem_desc_plain).
+__device__ __forceinline__ void wgmma_m64n8k16_bf16_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
+}
+// {relu(lo), relu(hi)} rounded to bf16, lo in the low half.
+__device__ __forceinline__ uint32_t relu_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm volatile("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// The head-sum B tile of one (group of 4 layers, 128-head tile): [128 heads x 8] bf16, column
+// 2 (l % 4) holds layer l's weight rounded to bf16, column 2 (l % 4) + 1 the remainder, so the
+// f32 head sum of the two columns carries ~16 bits of the weight.
+constexpr int kHeadSumTileBytes = kHeadTile * 8 * 2;
+// Writes the tiles of layers [0, LC) from w (LC x Hp f32) into wb, threads [t0, t0 + nthreads).
+__device__ __forceinline__ void build_head_sum_tiles(const float* w, int LC, int Hp, __nv_bfloat16* wb, int t, int nthreads) {
+  const int NT = Hp / kHeadTile;
+  for (int i = t; i < (LC + 3) / 4 * NT * kHeadSumTileBytes / 2; i += nthreads) {
+    const int tile = i / (kHeadSumTileBytes / 2), e = i % (kHeadSumTileBytes / 2);
+    const int n = e % 64 / 8, l = tile / NT * 4 + n / 2, h = tile % NT * kHeadTile + e / 64 * 8 + e % 8;
+    const float v = l < LC ? w[l * Hp + h] : 0.0f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    wb[i] = n % 2 == 0 ? hi : __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+}
+
+// Issues (without waiting) hs (+)= relu(d) x wt: 8 k-steps of 16 heads against the item's
+// head-sum tile wt; the scoring wgmma that produced d must be complete.
+__device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, float (&hs)[4], bool accumulate) {
+  uint32_t a[8][4];
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      a[s][i] = relu_bf16x2(d[8 * s + 2 * i], d[8 * s + 2 * i + 1]);
+  wgmma_fence();
+  const uint64_t dw = smem_desc_plain(wt);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], desc_add(dw, s * 2 * 128), accumulate || s > 0);
+  wgmma_commit();
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
+// Fast mode: ex2.approx and rcp.approx (a few ulp, far below the e4m3 rounding of its queries).
+__device__ __forceinline__ float sigmoid_approx(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+
+// The per-thread end of a wgmma M tile: rows r0 and r0 + 8 (r0 = 16 * warp + lane / 4 of the
+// tile whose row 0 is chunk n0 of batch row b; cnt valid rows), each layer's logit = head sum *
+// |scale|, its sigmoid folded into the max/mean ensemble, then the score written.
+struct RowPairEnd {
+  int64_t base;  // b * N + n0: flat index of the tile's row 0
+  int r0, cnt;
+  float sc[2], ens[2];
+
+  __device__ __forceinline__ RowPairEnd(const ScoreParams& p, int64_t b, int64_t n0, int r0_, int cnt_, float s0, float s1)
+      : base(b * p.chunks + n0), r0(r0_), cnt(cnt_), sc{s0, s1} {
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      ens[half] = (!p.first_pass && r0 + 8 * half < cnt) ? p.scores[base + r0 + 8 * half] : 0.0f;
+  }
+  // v: layer l's (of this pass) head sums of rows r0, r0 + 8; the quad's thread tq == 0 writes
+  // the logits when asked.
+  template <bool APPROX>
+  __device__ __forceinline__ void layer(const ScoreParams& p, int l, const float (&v)[2], int tq) {
+    const bool first_layer = p.first_pass && l == 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float logit = v[half] * sc[half];
+      const float s = APPROX ? sigmoid_approx(logit) : sigmoid(logit);
+      if (first_layer) ens[half] = s;
+      else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s);
+      else ens[half] = fmaxf(ens[half], s);
+      const int r = r0 + 8 * half;
+      if (p.layer_logits && tq == 0 && r < cnt)
+        p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch) * p.chunks + base + r] = logit;
+    }
+  }
+  __device__ __forceinline__ void write(const ScoreParams& p, int tq) const {
+    if (tq != 0) return;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + 8 * half;
+      if (r >= cnt) continue;
+      float v = ens[half];
+      if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
+      p.scores[base + r] = v;
+    }
+  }
+};
+
+// The last block of the grid to finish publishes the bad-chunk flag to the host and re-arms it
+// for the next call (every thread of the block calls this once, at the end).
+__device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p) {
+  if (!p.last_pass) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(p.blocks_done, 1u) == gridDim.x * gridDim.y - 1) {
+      __threadfence();
+      *p.bad_chunk_out = atomicExch(p.bad_chunk, ~0ull);
+      *p.blocks_done = 0;
+      __threadfence_system();
+    }
+  }
+}
+
+// Fast mode's fp8 scoring (score_fp8_kernel.cu), behind score_chunks and
+// score_max_layers_per_pass when ScoreParams::fp8; the checks of score_chunks are done.
+int score_fp8_max_layers_per_pass(int H);
+cudaError_t score_chunks_fp8(const ScoreParams& p, int sm_count, cudaStream_t stream);
+
+}  // namespace flashmem::kernels

@@ -1,0 +1,310 @@
+// Fast mode's scoring kernel (SPEC 4 with e4m3 queries): [B, N, 132] fp8 keys x per-layer
+// queries [H, 128] -> [B, N] ensembled sigmoid scores. CPU reference: the CPU backend's
+// score_tiles (src/retriever/cpu_retriever.cpp); exact mode is score_kernel.cu.
+//
+//   logit[l, b, n] = sum_h relu(s_bn * (q[b, l, h, :] . k8[b, n, :])) * w[b, l, h]
+//
+// Chunks are M, heads N, the 128 key dims K: wgmma m64n128k32 e4m3 x e4m3 -> f32 with the keys
+// as the register operand A and the layer's queries ([Hp][128 bytes], 128-byte swizzle) as B in
+// shared memory; then relu(d) packed to bf16 is the register operand of a second wgmma
+// (m64n8k16) against the head weights (the head sum on the tensor cores, score_common.cuh).
+//
+// A block is one producer warpgroup and three consumer warpgroups (warp specialisation):
+// - the producer's thread 0 moves each 64-chunk unit's raw rows (132 bytes each, as the caller
+//   stores them) into a ring of kStages slots with one bulk copy (cp.async.bulk, the TMA engine)
+//   that signals the slot's `full` mbarrier; the whole warpgroup stages the row's queries (one
+//   bulk copy) and builds the head-sum tiles once, then gives its registers to the consumers
+//   (setmaxnreg);
+// - consumer c takes units c, c + 3, ...: it reads its key fragments straight from the raw slot
+//   into registers, releases the slot (`empty`), and runs every (layer, head tile) item: the
+//   scoring wgmma, relu/pack, the head-sum wgmma issued with the next item's scoring, sigmoid
+//   and the max/mean ensemble in registers. Only [B, N] scores (and per-layer logits on
+//   request) reach device memory.
+//
+// NOTES:
+// - No relayout of the keys: the K order of the matmul is a permutation of the key bytes,
+//   chosen so that thread tq of a quad holds the 32 contiguous bytes tq*32 .. tq*32+31 of its
+//   rows (words j = 2 kk + hh feed k-step kk, register half hh of the A fragment); the query
+//   finish writes the queries in the same order (query_finish.cuh). Rows are 33 words apart,
+//   so the 32 lanes' loads (rows g, words 8 tq + j) fall in 32 different banks.
+// - The bulk copy moves the 16-byte-aligned window around a unit's bytes (up to 12 bytes more
+//   on each side; those lie in the same 16-byte segment as key bytes, so on the same page), and
+//   the consumer finds row 0 at src % 16 in the slot; any N and any 4-byte-aligned keys work.
+// - The chunk scale is applied after the dot product: relu(s*d) = |s| * relu(sign(s)*d); the
+//   fragments of a row with a negative scale get their sign bits flipped (skipped by the warp
+//   when no row of it has one). Per-head 2^-e_h is folded into w (exact power-of-two scaling).
+// - NaN check per key word: ((w & 0x7F7F7F7F) + 0x01010101) has a byte's top bit set exactly
+//   when that byte is 0x7F or 0xFF (no carry crosses bytes).
+// - A grid row per batch row (gridDim.y = B, blockIdx.x splits the row's units), so a block's
+//   queries are staged once.
+#include <algorithm>
+
+#include "kernels/pdl.cuh"
+#include "kernels/score_common.cuh"
+
+namespace flashmem::kernels {
+
+namespace {
+
+constexpr int kConsumers = 3, kThreads = (1 + kConsumers) * 128;
+constexpr int kStages = 12;                                  // raw units in the ring
+constexpr int kSlotBytes = kGroupRows * kChunkBytes + 16;     // a unit's 16-byte-aligned window
+static_assert(kSlotBytes % 16 == 0, "bulk copies move multiples of 16 bytes to 16-byte-aligned slots");
+static_assert(kConsumers < kStages, "a consumer's next slot is at most one lap ahead");
+// Registers a thread after the hand-over (setmaxnreg): the producer needs few, the consumers hold
+// 64 accumulators, 16 key words and 32 packed head-sum operands.
+constexpr int kProducerRegs = 40, kConsumerRegs = 152;
+static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "the register file");
+
+struct SmemLayout {
+  int w, ring, bars, total;  // the queries at 0; offsets from the 1024-aligned base
+};
+constexpr SmemLayout smem_layout(int Hp, int layers) {
+  SmemLayout s{};
+  s.w = layers * Hp * kHeadDim;  // a multiple of 1024 (Hp % 128 == 0)
+  s.ring = s.w + (layers + 3) / 4 * (Hp / kHeadTile) * kHeadSumTileBytes;
+  s.bars = s.ring + kStages * kSlotBytes;
+  s.total = s.bars + (2 * kStages + 1) * 8 + 1024;  // +1024: the base is aligned up to 1024
+  return s;
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Adds bytes to the transaction count of the barrier's current phase (no arrival).
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+// Returns once the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Bulk copy (TMA) of bytes (a multiple of 16) from 16-byte-aligned global src to shared dst;
+// completes as transactions on bar.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+
+// d (+)= A[64 x 32] * B[32 x 128]^T, e4m3 x e4m3 -> f32: A from registers (a0..a3 of this
+// thread, the m64nNk32 8-bit fragment), B K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " FM_WGMMA_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+      : FM_WGMMA_D64_OPERANDS(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
+}
+
+// Issues (without waiting) the scoring of one (layer, head tile) item: 4 k-steps of 32 bytes
+// inside the 128-byte K block of the item's queries (descriptor dq). No accumulator fence: the
+// item is issued while the previous head sum runs (a fence would make ptxas serialise, C7515).
+__device__ __forceinline__ void issue_scoring(float (&d)[64], const uint32_t (&a)[4][4], uint64_t dq) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k32_e4m3_rs(d, a[kk], desc_add(dq, kk * 32), kk > 0);
+  wgmma_commit();
+}
+
+// The top bit of each byte of the result is set where the byte is an e4m3fn NaN.
+__device__ __forceinline__ uint32_t nan_bytes(uint32_t w) { return (w & 0x7F7F7F7Fu) + 0x01010101u; }
+
+// Contract: see ScoreParams. Grid (G, B): block (x, b) scores the units [x*U/G, (x+1)*U/G) of
+// row b, U = ceil(N / 64). 512 threads, one block an SM.
+__global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParams p, int64_t units_per_row) {
+  allow_dependents();
+  extern __shared__ uint8_t smem_raw[];
+  // Aligned up to 1024 by pointer arithmetic on smem_raw, so every access stays LDS/STS.
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const int Hp = padded_heads(p.heads), NT = Hp / kHeadTile, LC = p.layer_count;
+  const SmemLayout L = smem_layout(Hp, LC);
+  uint8_t* ring = smem + L.ring;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L.bars);
+  uint64_t* empty = full + kStages;
+  uint64_t* qfull = empty + kStages;
+  const int64_t N = p.chunks, b = blockIdx.y;
+  const int64_t t_begin = blockIdx.x * units_per_row / gridDim.x;
+  const int count = static_cast<int>((blockIdx.x + 1) * units_per_row / gridDim.x - t_begin);
+  // Unit i of this block: chunks n0 = (t_begin + i) * 64 .. + rows of row b.
+  const auto unit_n0 = [&](int i) { return (t_begin + i) * kGroupRows; };
+  const auto unit_src = [&](int i) { return p.keys + (b * N + unit_n0(i)) * kChunkBytes; };
+  const auto unit_rows = [&](int i) { return static_cast<int>(N - unit_n0(i) < kGroupRows ? N - unit_n0(i) : kGroupRows); };
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);   // the producer's arrive (with the copy's bytes)
+      mbar_init(&empty[s], 4);  // one arrive per warp of the consumer
+    }
+    mbar_init(qfull, 128);  // the producer warpgroup, after the head-sum tiles
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_async_shared();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    setmaxnreg_dec<kProducerRegs>();
+    const int t = threadIdx.x;
+    int i = 0, s = 0;
+    uint32_t lap = 0;  // parity of the ring lap of unit i
+    const auto issue = [&] {  // unit i into slot s
+      const uintptr_t src = reinterpret_cast<uintptr_t>(unit_src(i));
+      const uintptr_t lo = src & ~uintptr_t{15}, hi = (src + unit_rows(i) * kChunkBytes + 15) & ~uintptr_t{15};
+      mbar_arrive_expect_tx(&full[s], static_cast<uint32_t>(hi - lo));
+      bulk_copy(ring + s * kSlotBytes, reinterpret_cast<const void*>(lo), static_cast<uint32_t>(hi - lo), &full[s]);
+      ++i;
+      if (++s == kStages) s = 0, lap ^= 1;
+    };
+    // The first lap of keys is in flight before the grid wait (keys are the caller's).
+    if (t == 0)
+      while (i < min(count, kStages)) issue();
+    grid_dependency_wait();  // the queries and head weights come from the kernel before
+    const int64_t row_layer = b * p.total_layers + p.layer0;
+    if (t == 0) {
+      const uint32_t q_bytes = static_cast<uint32_t>(LC * Hp * kHeadDim);
+      mbar_expect_tx(qfull, q_bytes);
+      bulk_copy(smem, static_cast<const uint8_t*>(p.qfrag) + row_layer * Hp * kHeadDim, q_bytes, qfull);
+    }
+    build_head_sum_tiles(p.w_scaled + row_layer * Hp, LC, Hp, reinterpret_cast<__nv_bfloat16*>(smem + L.w), t, 128);
+    fence_async_shared();  // the tiles, for the consumers' wgmma
+    mbar_arrive(qfull);
+    if (t == 0)
+      while (i < count) {
+        mbar_wait(&empty[s], lap ^ 1);  // the consumer of the slot's previous unit is done with it
+        issue();
+      }
+  } else {
+    setmaxnreg_inc<kConsumerRegs>();
+    const int wt = threadIdx.x % 128, warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+    const int r0 = warp * 16 + g;  // this thread's rows r0, r0 + 8 of a unit
+    grid_dependency_wait();        // earlier passes' scores
+    mbar_wait(qfull, 0);
+    int s = wg - 1;
+    uint32_t lap = 0;
+    for (int i = wg - 1; i < count; i += kConsumers) {
+      const int64_t n0 = unit_n0(i);
+      const int cnt = unit_rows(i);
+      mbar_wait(&full[s], lap);
+      // Key fragments: words tq*8 + j of rows r0 (a0, a2) and r0 + 8 (a1, a3), j = 2 kk + hh.
+      const uint8_t* raw = ring + s * kSlotBytes + (reinterpret_cast<uintptr_t>(unit_src(i)) & 15);
+      const uint32_t* lo_row = reinterpret_cast<const uint32_t*>(raw + r0 * kChunkBytes) + tq * 8;
+      const uint32_t* hi_row = reinterpret_cast<const uint32_t*>(raw + (r0 + 8) * kChunkBytes) + tq * 8;
+      uint32_t a[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        a[kk][0] = lo_row[2 * kk];
+        a[kk][1] = hi_row[2 * kk];
+        a[kk][2] = lo_row[2 * kk + 1];
+        a[kk][3] = hi_row[2 * kk + 1];
+      }
+      const float sc_lo = *reinterpret_cast<const float*>(raw + r0 * kChunkBytes + kHeadDim);
+      const float sc_hi = *reinterpret_cast<const float*>(raw + (r0 + 8) * kChunkBytes + kHeadDim);
+      uint32_t nan_lo = 0, nan_hi = 0;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        nan_lo |= nan_bytes(a[kk][0]) | nan_bytes(a[kk][2]);
+        nan_hi |= nan_bytes(a[kk][1]) | nan_bytes(a[kk][3]);
+      }
+      const bool bad_lo = r0 < cnt && ((nan_lo & 0x80808080u) != 0 || !isfinite(sc_lo));
+      const bool bad_hi = r0 + 8 < cnt && ((nan_hi & 0x80808080u) != 0 || !isfinite(sc_hi));
+      __syncwarp();  // every lane's words are in registers (the checks above used them)
+      if (lane == 0) mbar_arrive(&empty[s]);
+      s += kConsumers;
+      if (s >= kStages) s -= kStages, lap ^= 1;
+      if (bad_lo || bad_hi) atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + n0 + r0 + (bad_lo ? 0 : 8)));
+      const uint32_t flip_lo = sc_lo < 0.0f ? 0x80808080u : 0u, flip_hi = sc_hi < 0.0f ? 0x80808080u : 0u;
+      if (__any_sync(0xffffffffu, (flip_lo | flip_hi) != 0)) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          a[kk][0] ^= flip_lo;
+          a[kk][2] ^= flip_lo;
+          a[kk][1] ^= flip_hi;
+          a[kk][3] ^= flip_hi;
+        }
+      }
+
+      // Every (layer, head tile) item: the scoring of the next item is issued with this item's
+      // head sum and runs while the layer before is finished.
+      RowPairEnd end(p, b, n0, r0, cnt, fabsf(sc_lo), fabsf(sc_hi));
+      float acc[64], hs[4];
+      const auto copy_hs = [&](float (&t)[4]) {  // volatile reads: they stay after the wait before them
+#pragma unroll
+        for (int k = 0; k < 4; ++k) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[k]) : "f"(hs[k]));
+      };
+      // Layer l's head sums t (a copy of hs): its columns (hi, lo) are held by the thread
+      // tq = l % 4 of each row's quad.
+      const auto finish_hs = [&](int l, const float (&t)[4]) {
+        const int src = (lane & ~3) | (l % 4);
+        const float v[2] = {__shfl_sync(0xffffffffu, t[0] + t[1], src), __shfl_sync(0xffffffffu, t[2] + t[3], src)};
+        end.layer<true>(p, l, v, tq);
+      };
+      const auto query = [&](int l, int nt) { return smem_desc(smem + (l * Hp + nt * kHeadTile) * kHeadDim); };
+      issue_scoring(acc, a, query(0, 0));
+      struct Item {  // (layer, head tile), walked in order without a division by NT
+        int l, nt;
+      };
+      const auto next = [&](Item it) { return it.nt + 1 == NT ? Item{it.l + 1, 0} : Item{it.l, it.nt + 1}; };
+      for (Item it{0, 0}; it.l < LC; it = next(it)) {
+        const Item nx = next(it);
+        const bool has_next = nx.l < LC;
+        wgmma_wait<0>();  // this item's scoring, and the previous item's head sum
+        float t[4];
+        copy_hs(t);
+        head_sum_mma(acc, smem + L.w + (it.l / 4 * NT + it.nt) * kHeadSumTileBytes, hs, it.nt > 0);
+        if (has_next) issue_scoring(acc, a, query(nx.l, nx.nt));
+        if (it.l > 0 && it.nt == 0) finish_hs(it.l - 1, t);
+        if (has_next) continue;
+        wgmma_wait<0>();
+        copy_hs(t);
+        finish_hs(it.l, t);
+      }
+      // The key fragments stay allocated until every wgmma that reads them has completed.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[kk][k])::"memory");
+      end.write(p, tq);
+    }
+  }
+  publish_bad_chunk(p);
+}
+
+}  // namespace
+
+int score_fp8_max_layers_per_pass(int H) {
+  const int Hp = padded_heads(H);
+  int layers = 0;
+  while (smem_layout(Hp, layers + 1).total <= kSmemLimit) ++layers;
+  return layers;
+}
+
+cudaError_t score_chunks_fp8(const ScoreParams& p, int sm_count, cudaStream_t stream) {
+  if (p.chunks <= 0 || p.batch <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
+  const int64_t units_per_row = (p.chunks + kGroupRows - 1) / kGroupRows;
+  // All blocks in one wave: B rows of G blocks, G * B <= the SM count where B allows.
+  const int grid_x = static_cast<int>(std::min<int64_t>(units_per_row, std::max<int64_t>(1, sm_count / p.batch)));
+  const int smem = smem_layout(padded_heads(p.heads), p.layer_count).total;
+  const cudaError_t err = cudaFuncSetAttribute(score_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  return launch_chained(true, score_fp8_kernel, dim3(grid_x, static_cast<unsigned>(p.batch)), dim3(kThreads), smem,
+                        stream, p, units_per_row);
+}
+
+}  // namespace flashmem::kernels
