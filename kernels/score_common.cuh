@@ -46,10 +46,6 @@ __device__ __forceinline__ bool has_fp8_nan(uint32_t w) {
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   return ((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
-// K-major without swizzle: 8-row x 16-byte core matrices, 128 bytes apart along K, 256 along M/N.
-__device__ __forceinline__ uint64_t smem_desc_plain(const void* p) {
-  return ((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
-}
 // A descriptor of p + bytes from p's (bytes % 16 == 0): the start address is its low 14 bits in
 // 16-byte units and shared memory ends below 2^18, so the sum never carries out of the field.
 __device__ __forceinline__ uint64_t desc_add(uint64_t desc, int bytes) { return desc + (bytes >> 4); }
@@ -80,58 +76,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[64]) {
       "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),   \
       "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// Fast mode's head sum on the tensor cores: d (+)= A[64 x 16] * B[16 x 8]^T, bf16 x bf16 -> f32,
-// A from registers (the accumulator fragment layout of the scoring wgmma), B K-major in
-// shared memory without swizzle (smem_desc_plain).
-__device__ __forceinline__ void wgmma_m64n8k16_bf16_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
-}
-// {relu(lo), relu(hi)} rounded to bf16, lo in the low half.
-__device__ __forceinline__ uint32_t relu_bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm volatile("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-// The head-sum B tile of one (group of 4 layers, 128-head tile): [128 heads x 8] bf16, column
-// 2 (l % 4) holds layer l's weight rounded to bf16, column 2 (l % 4) + 1 the remainder, so the
-// f32 head sum of the two columns carries ~16 bits of the weight.
-constexpr int kHeadSumTileBytes = kHeadTile * 8 * 2;
-// Writes the tiles of layers [0, LC) from w (LC x Hp f32) into wb, threads [t0, t0 + nthreads).
-__device__ __forceinline__ void build_head_sum_tiles(const float* w, int LC, int Hp, __nv_bfloat16* wb, int t, int nthreads) {
-  const int NT = Hp / kHeadTile;
-  for (int i = t; i < (LC + 3) / 4 * NT * kHeadSumTileBytes / 2; i += nthreads) {
-    const int tile = i / (kHeadSumTileBytes / 2), e = i % (kHeadSumTileBytes / 2);
-    const int n = e % 64 / 8, l = tile / NT * 4 + n / 2, h = tile % NT * kHeadTile + e / 64 * 8 + e % 8;
-    const float v = l < LC ? w[l * Hp + h] : 0.0f;
-    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-    wb[i] = n % 2 == 0 ? hi : __float2bfloat16_rn(v - __bfloat162float(hi));
-  }
-}
-
-// Issues (without waiting) hs (+)= relu(d) x wt: 8 k-steps of 16 heads against the item's
-// head-sum tile wt; the scoring wgmma that produced d must be complete.
-__device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, float (&hs)[4], bool accumulate) {
-  uint32_t a[8][4];
-#pragma unroll
-  for (int s = 0; s < 8; ++s)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      a[s][i] = relu_bf16x2(d[8 * s + 2 * i], d[8 * s + 2 * i + 1]);
-  wgmma_fence();
-  const uint64_t dw = smem_desc_plain(wt);
-#pragma unroll
-  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], desc_add(dw, s * 2 * 128), accumulate || s > 0);
-  wgmma_commit();
-}
-
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
-// Fast mode: ex2.approx and rcp.approx (a few ulp, far below the e4m3 rounding of its queries).
-__device__ __forceinline__ float sigmoid_approx(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
 // The per-thread end of a wgmma M tile: rows r0 and r0 + 8 (r0 = 16 * warp + lane / 4 of the
 // tile whose row 0 is chunk n0 of batch row b; cnt valid rows), each layer's logit = head sum *
@@ -147,22 +92,32 @@ struct RowPairEnd {
     for (int half = 0; half < 2; ++half)
       ens[half] = (!p.first_pass && r0 + 8 * half < cnt) ? p.scores[base + r0 + 8 * half] : 0.0f;
   }
+  // Folds s (sigmoids, or their sum over a group of layers) into the ensemble; first: the
+  // first layers of the first pass.
+  __device__ __forceinline__ void combine(const ScoreParams& p, bool first, const float (&s)[2]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (first) ens[half] = s[half];
+      else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s[half]);
+      else ens[half] = fmaxf(ens[half], s[half]);
+    }
+  }
+  // Layer l's (of this pass) logit of row r0 + 8 * half, when asked for.
+  __device__ __forceinline__ void store_logit(const ScoreParams& p, int l, int half, float logit) const {
+    const int r = r0 + 8 * half;
+    if (p.layer_logits && r < cnt) p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch) * p.chunks + base + r] = logit;
+  }
   // v: layer l's (of this pass) head sums of rows r0, r0 + 8; the quad's thread tq == 0 writes
   // the logits when asked.
-  template <bool APPROX>
   __device__ __forceinline__ void layer(const ScoreParams& p, int l, const float (&v)[2], int tq) {
-    const bool first_layer = p.first_pass && l == 0;
+    float s[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float logit = v[half] * sc[half];
-      const float s = APPROX ? sigmoid_approx(logit) : sigmoid(logit);
-      if (first_layer) ens[half] = s;
-      else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s);
-      else ens[half] = fmaxf(ens[half], s);
-      const int r = r0 + 8 * half;
-      if (p.layer_logits && tq == 0 && r < cnt)
-        p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch) * p.chunks + base + r] = logit;
+      s[half] = sigmoid(logit);
+      if (tq == 0) store_logit(p, l, half, logit);
     }
+    combine(p, p.first_pass && l == 0, s);
   }
   __device__ __forceinline__ void write(const ScoreParams& p, int tq) const {
     if (tq != 0) return;

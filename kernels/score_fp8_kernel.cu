@@ -49,6 +49,7 @@ namespace {
 constexpr int kConsumers = 3, kThreads = (1 + kConsumers) * 128;
 constexpr int kStages = 12;                                  // raw units in the ring
 constexpr int kSlotBytes = kGroupRows * kChunkBytes + 16;     // a unit's 16-byte-aligned window
+constexpr int kHeadSumTileBytes = kHeadTile * 8 * 2;          // build_head_sum_tiles
 static_assert(kSlotBytes % 16 == 0, "bulk copies move multiples of 16 bytes to 16-byte-aligned slots");
 static_assert(kConsumers < kStages, "a consumer's next slot is at most one lap ahead");
 // Registers a thread after the hand-over (setmaxnreg): the producer needs few, the consumers hold
@@ -62,7 +63,7 @@ struct SmemLayout {
 constexpr SmemLayout smem_layout(int Hp, int layers) {
   SmemLayout s{};
   s.w = layers * Hp * kHeadDim;  // a multiple of 1024 (Hp % 128 == 0)
-  s.ring = s.w + (layers + 3) / 4 * (Hp / kHeadTile) * kHeadSumTileBytes;
+  s.ring = s.w + layers * (Hp / kHeadTile) * kHeadSumTileBytes;
   s.bars = s.ring + kStages * kSlotBytes;
   s.total = s.bars + (2 * kStages + 1) * 8 + 1024;  // +1024: the base is aligned up to 1024
   return s;
@@ -113,6 +114,63 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float (&d)[64], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
 }
 
+// K-major without swizzle: 8-row x 16-byte core matrices, 128 bytes apart along K, 256 along M/N.
+__device__ __forceinline__ uint64_t smem_desc_plain(const void* p) {
+  return ((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
+}
+
+// The head sum on the tensor cores: d (+)= A[64 x 16] * B[16 x 8]^T, bf16 x bf16 -> f32, A from
+// registers (the accumulator fragment layout of the scoring wgmma), B K-major in shared memory
+// without swizzle (smem_desc_plain).
+__device__ __forceinline__ void wgmma_m64n8k16_bf16_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
+}
+// {relu(lo), relu(hi)} rounded to bf16, lo in the low half.
+__device__ __forceinline__ uint32_t relu_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm volatile("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// The head-sum B tile of one (layer l, 128-head tile): [128 heads x 8 columns] bf16, column
+// 2 (l % 4) holding the layer's weight rounded to bf16 and column 2 (l % 4) + 1 the remainder
+// (the f32 sum of the two carries ~16 bits of the weight), the other columns zero: the head
+// sums of a group of 4 layers accumulate side by side in one m64n8 accumulator.
+// Writes the tiles (l * NT + nt) of layers [0, LC) from w (LC x Hp f32) into wb, thread t of n.
+__device__ __forceinline__ void build_head_sum_tiles(const float* w, int LC, int Hp, __nv_bfloat16* wb, int t, int n) {
+  const int NT = Hp / kHeadTile;
+  for (int i = t; i < LC * NT * kHeadSumTileBytes / 2; i += n) {
+    const int tile = i / (kHeadSumTileBytes / 2), e = i % (kHeadSumTileBytes / 2);
+    const int col = e % 64 / 8, l = tile / NT, h = tile % NT * kHeadTile + e / 64 * 8 + e % 8;
+    const float v = col / 2 == l % 4 ? w[l * Hp + h] : 0.0f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    wb[i] = col % 2 == 0 ? hi : __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+}
+
+// Issues (without waiting) hs (+)= relu(d) x wt: 8 k-steps of 16 heads against the item's
+// head-sum tile wt; the scoring wgmma that produced d must be complete.
+__device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, float (&hs)[4], bool accumulate) {
+  uint32_t a[8][4];
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[s][i] = relu_bf16x2(d[8 * s + 2 * i], d[8 * s + 2 * i + 1]);
+  wgmma_fence();
+  const uint64_t dw = smem_desc_plain(wt);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], desc_add(dw, s * 2 * 128), accumulate || s > 0);
+  wgmma_commit();
+}
+
+// Fast mode's sigmoid: ex2.approx and rcp.approx (a few ulp, far below the e4m3 rounding of the
+// queries).
+__device__ __forceinline__ float sigmoid_approx(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+
 // Issues (without waiting) the scoring of one (layer, head tile) item: 4 k-steps of 32 bytes
 // inside the 128-byte K block of the item's queries (descriptor dq). No accumulator fence: the
 // item is issued while the previous head sum runs (a fence would make ptxas serialise, C7515).
@@ -150,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);   // the producer's arrive (with the copy's bytes)
-      mbar_init(&empty[s], 4);  // one arrive per warp of the consumer
+      mbar_init(&empty[s], 4 + 2);  // one arrive per warp of the consumer and of the checkers
     }
     mbar_init(qfull, 128);  // the producer warpgroup, after the head-sum tiles
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -190,6 +248,26 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
         mbar_wait(&empty[s], lap ^ 1);  // the consumer of the slot's previous unit is done with it
         issue();
       }
+    if (t >= 64) {  // warps 2 and 3 check the keys, thread t - 64 a row of each unit
+      const int r = t - 64, lane = t % 32;
+      s = 0, lap = 0;
+      for (i = 0; i < count; ++i) {
+        mbar_wait(&full[s], lap);
+        if (r < unit_rows(i)) {
+          const uint8_t* raw = ring + s * kSlotBytes + (reinterpret_cast<uintptr_t>(unit_src(i)) & 15) + r * kChunkBytes;
+          const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);  // row r: bank r + j
+          uint32_t nan = 0;
+#pragma unroll
+          for (int j = 0; j < kHeadDim / 4; ++j) nan |= nan_bytes(words[j]);
+          const float scale = *reinterpret_cast<const float*>(raw + kHeadDim);
+          if ((nan & 0x80808080u) != 0 || !isfinite(scale))
+            atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + unit_n0(i) + r));
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+        if (++s == kStages) s = 0, lap ^= 1;
+      }
+    }
   } else {
     setmaxnreg_inc<kConsumerRegs>();
     const int wt = threadIdx.x % 128, warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
@@ -216,19 +294,6 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       }
       const float sc_lo = *reinterpret_cast<const float*>(raw + r0 * kChunkBytes + kHeadDim);
       const float sc_hi = *reinterpret_cast<const float*>(raw + (r0 + 8) * kChunkBytes + kHeadDim);
-      uint32_t nan_lo = 0, nan_hi = 0;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        nan_lo |= nan_bytes(a[kk][0]) | nan_bytes(a[kk][2]);
-        nan_hi |= nan_bytes(a[kk][1]) | nan_bytes(a[kk][3]);
-      }
-      const bool bad_lo = r0 < cnt && ((nan_lo & 0x80808080u) != 0 || !isfinite(sc_lo));
-      const bool bad_hi = r0 + 8 < cnt && ((nan_hi & 0x80808080u) != 0 || !isfinite(sc_hi));
-      __syncwarp();  // every lane's words are in registers (the checks above used them)
-      if (lane == 0) mbar_arrive(&empty[s]);
-      s += kConsumers;
-      if (s >= kStages) s -= kStages, lap ^= 1;
-      if (bad_lo || bad_hi) atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + n0 + r0 + (bad_lo ? 0 : 8)));
       const uint32_t flip_lo = sc_lo < 0.0f ? 0x80808080u : 0u, flip_hi = sc_hi < 0.0f ? 0x80808080u : 0u;
       if (__any_sync(0xffffffffu, (flip_lo | flip_hi) != 0)) {
 #pragma unroll
@@ -240,41 +305,49 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
         }
       }
 
-      // Every (layer, head tile) item: the scoring of the next item is issued with this item's
-      // head sum and runs while the layer before is finished.
+      // Every (layer, head tile) item: its head sum is issued with the next item's scoring. The
+      // head sums of a group of 4 layers share hs (their own columns), so the group is finished
+      // once: the quad's thread tq takes layer 4 g + tq (its columns), and the quad combines.
       RowPairEnd end(p, b, n0, r0, cnt, fabsf(sc_lo), fabsf(sc_hi));
       float acc[64], hs[4];
-      const auto copy_hs = [&](float (&t)[4]) {  // volatile reads: they stay after the wait before them
+      const auto finish_group = [&](int group) {  // after the group's last head sum completed
+        float t[4];  // volatile reads: they stay after the wait before them
 #pragma unroll
         for (int k = 0; k < 4; ++k) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[k]) : "f"(hs[k]));
-      };
-      // Layer l's head sums t (a copy of hs): its columns (hi, lo) are held by the thread
-      // tq = l % 4 of each row's quad.
-      const auto finish_hs = [&](int l, const float (&t)[4]) {
-        const int src = (lane & ~3) | (l % 4);
-        const float v[2] = {__shfl_sync(0xffffffffu, t[0] + t[1], src), __shfl_sync(0xffffffffu, t[2] + t[3], src)};
-        end.layer<true>(p, l, v, tq);
+        const int l = group * 4 + tq;
+        float sg[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float logit = (t[2 * half] + t[2 * half + 1]) * end.sc[half];
+          sg[half] = l < LC ? sigmoid_approx(logit) : p.ensemble_mean ? 0.0f : -INFINITY;
+          if (l < LC) end.store_logit(p, l, half, logit);
+          for (int o = 1; o < 4; o *= 2) {
+            const float other = __shfl_xor_sync(0xffffffffu, sg[half], o);
+            sg[half] = p.ensemble_mean ? sg[half] + other : fmaxf(sg[half], other);
+          }
+        }
+        end.combine(p, p.first_pass && group == 0, sg);
       };
       const auto query = [&](int l, int nt) { return smem_desc(smem + (l * Hp + nt * kHeadTile) * kHeadDim); };
       issue_scoring(acc, a, query(0, 0));
+      __syncwarp();  // the wgmma fence above waited for every lane's key words: the slot is free
+      if (lane == 0) mbar_arrive(&empty[s]);
+      s += kConsumers;
+      if (s >= kStages) s -= kStages, lap ^= 1;
       struct Item {  // (layer, head tile), walked in order without a division by NT
         int l, nt;
       };
       const auto next = [&](Item it) { return it.nt + 1 == NT ? Item{it.l + 1, 0} : Item{it.l, it.nt + 1}; };
       for (Item it{0, 0}; it.l < LC; it = next(it)) {
         const Item nx = next(it);
-        const bool has_next = nx.l < LC;
+        const bool group_start = it.l % 4 == 0 && it.nt == 0;
         wgmma_wait<0>();  // this item's scoring, and the previous item's head sum
-        float t[4];
-        copy_hs(t);
-        head_sum_mma(acc, smem + L.w + (it.l / 4 * NT + it.nt) * kHeadSumTileBytes, hs, it.nt > 0);
-        if (has_next) issue_scoring(acc, a, query(nx.l, nx.nt));
-        if (it.l > 0 && it.nt == 0) finish_hs(it.l - 1, t);
-        if (has_next) continue;
-        wgmma_wait<0>();
-        copy_hs(t);
-        finish_hs(it.l, t);
+        if (group_start && it.l > 0) finish_group(it.l / 4 - 1);
+        head_sum_mma(acc, smem + L.w + (it.l * NT + it.nt) * kHeadSumTileBytes, hs, !group_start);
+        if (nx.l < LC) issue_scoring(acc, a, query(nx.l, nx.nt));
       }
+      wgmma_wait<0>();
+      finish_group((LC - 1) / 4);
       // The key fragments stay allocated until every wgmma that reads them has completed.
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)

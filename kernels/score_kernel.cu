@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
         v[half] += __shfl_xor_sync(0xffffffffu, v[half], 2);
         part[half] = 0.0f;
       }
-      end.layer<false>(p, l, v, tq);
+      end.layer(p, l, v, tq);
     }
     end.write(p, tq);
   }
