@@ -7,19 +7,20 @@
 // Chunks are M, heads N, the 128 key dims K: wgmma m64n128k32 e4m3 x e4m3 -> f32 with the keys
 // as the register operand A and the layer's queries ([Hp][128 bytes], 128-byte swizzle) as B in
 // shared memory; then relu(d) packed to bf16 is the register operand of a second wgmma
-// (m64n8k16) against the head weights (the head sum on the tensor cores, score_common.cuh).
+// (m64n8k16) against the head weights (the head sum on the tensor cores).
 //
 // A block is one producer warpgroup and three consumer warpgroups (warp specialisation):
 // - the producer's thread 0 moves each 64-chunk unit's raw rows (132 bytes each, as the caller
 //   stores them) into a ring of kStages slots with one bulk copy (cp.async.bulk, the TMA engine)
-//   that signals the slot's `full` mbarrier; the whole warpgroup stages the row's queries (one
-//   bulk copy) and builds the head-sum tiles once, then gives its registers to the consumers
-//   (setmaxnreg);
+//   that signals the slot's `full` mbarrier; its warps 2 and 3 check every unit for NaN bytes and
+//   non-finite scales (a row a thread) before they too release the slot; the whole warpgroup
+//   stages the row's queries (one bulk copy) and builds the head-sum tiles once, and gives most
+//   of its registers to the consumers (setmaxnreg);
 // - consumer c takes units c, c + 3, ...: it reads its key fragments straight from the raw slot
 //   into registers, releases the slot (`empty`), and runs every (layer, head tile) item: the
-//   scoring wgmma, relu/pack, the head-sum wgmma issued with the next item's scoring, sigmoid
-//   and the max/mean ensemble in registers. Only [B, N] scores (and per-layer logits on
-//   request) reach device memory.
+//   scoring wgmma, relu/pack, the head-sum wgmma issued with the next item's scoring; a group of
+//   up to 4 layers is finished once a unit (sigmoid and the max/mean ensemble in registers).
+//   Only [B, N] scores (and per-layer logits on request) reach device memory.
 //
 // NOTES:
 // - No relayout of the keys: the K order of the matmul is a permutation of the key bytes,
@@ -37,6 +38,14 @@
 //   when that byte is 0x7F or 0xFF (no carry crosses bytes).
 // - A grid row per batch row (gridDim.y = B, blockIdx.x splits the row's units), so a block's
 //   queries are staged once.
+// - Measured on the H100 (fast B 1 N 1M, device time of the score graph; bench/RESULTS.md):
+//   this kernel 0.214 ms; the previous one (4 warpgroups each copying keys into a swizzled A
+//   tile) 0.228-0.235; with the finish per layer and the NaN check in the consumers 0.221-0.224,
+//   with the finish per group 0.217-0.219;
+//   2 consumers with two accumulator sets: 0.299 as a loop (ptxas serialises the wgmma, C7514),
+//   0.237 straight-line (spills); the head sum by mma.sync instead of wgmma 0.228; 4 consumers
+//   at 120 registers: ptxas serialises (C7512) and spills. The consumers are latency-bound:
+//   tensor pipe ~50 % busy, issue slots ~38 %.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
