@@ -332,8 +332,10 @@ TEST_CASE("cuda retriever agrees with the cpu backend on random inputs") {
 TEST_CASE("cuda fast mode on ragged shapes agrees with exact mode") {
   // The fp8 kernel's edges: one chunk, a partial 64-chunk unit, rows of B = 3 that start off
   // 16-byte alignment (N % 4 != 0), negative scales, both ensembles, the per-layer logits.
-  // Bound: |d score| <= 0.15, the fp8 rounding of the queries (max 0.099 measured at N 262144,
-  // real dims); a misplaced row or byte gives an unrelated score (|d| up to 1).
+  // Bound: |d score| <= 0.25. The fp8 rounding of the queries moves these small synthetic
+  // checkpoints' scores by up to 0.148 (H100; 0.099 at real dims, N 262144); a misplaced row,
+  // byte or query word gives unrelated scores (0.34 to 0.96 measured when the query image and
+  // the key fragments disagreed on the K order).
   double worst = 0;
   for (const auto& [D, R, H] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 128}, {128, 64, 4}}) {
     auto weights = small_synthetic(D, R, H, 5);
@@ -355,7 +357,7 @@ TEST_CASE("cuda fast mode on ragged shapes agrees with exact mode") {
           const Scores sf = fast->score(c.inputs(), true);
           const double d = max_abs_diff(sf.ensemble, se.ensemble);
           worst = std::max(worst, d);
-          CHECK(d <= 0.15);
+          CHECK(d <= 0.25);
           // The ensemble is made of the layer logits it reports (approximate sigmoid: 1e-5).
           double ens_err = 0;
           for (int64_t i = 0; i < B * N; ++i) {
