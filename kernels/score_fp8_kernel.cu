@@ -39,13 +39,12 @@
 // - A grid row per batch row (gridDim.y = B, blockIdx.x splits the row's units), so a block's
 //   queries are staged once.
 // - Measured on the H100 (fast B 1 N 1M, device time of the score graph; bench/RESULTS.md):
-//   this kernel 0.214 ms; the previous one (4 warpgroups each copying keys into a swizzled A
-//   tile) 0.228-0.235; with the finish per layer and the NaN check in the consumers 0.221-0.224,
-//   with the finish per group 0.217-0.219;
-//   2 consumers with two accumulator sets: 0.299 as a loop (ptxas serialises the wgmma, C7514),
-//   0.237 straight-line (spills); the head sum by mma.sync instead of wgmma 0.228; 4 consumers
-//   at 120 registers: ptxas serialises (C7512) and spills. The consumers are latency-bound:
-//   tensor pipe ~50 % busy, issue slots ~38 %.
+//   this kernel 0.212-0.215 ms; the previous one (4 warpgroups each copying keys into a
+//   swizzled A tile) 0.227-0.235. Without the head-sum wgmma it would take 0.165: the tiny
+//   m64n8k16 wgmma hold the tensor pipe far beyond their FLOPs. Not better, each measured: the
+//   head sum by mma.sync (0.228) or on the fp32 pipes (0.227-0.230, or for the last item only,
+//   0.218-0.223), 2 or 4 head-sum accumulators, 2 consumers with two accumulator sets (ptxas
+//   serialises the loop, C7514; straight-line 0.237-0.280), 4 consumers (no registers: C7512).
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
