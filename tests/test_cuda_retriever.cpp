@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <set>
 #include <string>
@@ -137,6 +138,33 @@ std::shared_ptr<const RetrieverWeights> small_synthetic(int64_t D, int64_t R, in
   shape.rank = R;
   shape.heads = H;
   return std::make_shared<const RetrieverWeights>(synthetic_retriever(seed, shape));
+}
+
+// The random-input sweep: for H = 128 (the production head count, one wgmma head tile) at small
+// D and R, and the fixtures' H = 4 (padded to one head tile), every N x B that keep(H, N, B)
+// allows, both ensembles: fn(weights, case, options) with the case's values captured. Weights
+// from weight_seed, the case of (N, B) from case_seed + N + B.
+template <typename Keep, typename Fn>
+void sweep_random_cases(uint64_t weight_seed, uint64_t case_seed, std::initializer_list<int64_t> Ns,
+                        std::initializer_list<int64_t> Bs, Keep&& keep, Fn&& fn) {
+  for (const auto& [D, R, H] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 128}, {128, 64, 4}}) {
+    auto weights = small_synthetic(D, R, H, weight_seed);
+    for (int64_t N : Ns)
+      for (int64_t B : Bs) {
+        if (!keep(H, N, B)) continue;
+        CAPTURE(N);
+        CAPTURE(B);
+        CAPTURE(H);
+        const Case c = random_case(B, N, D, case_seed + N + B);
+        for (Ensemble ens : {Ensemble::Max, Ensemble::Mean}) {
+          CAPTURE(static_cast<int>(ens));
+          RetrieverOptions opt;
+          opt.max_position = 1048576;
+          opt.ensemble = ens;
+          fn(weights, c, opt);
+        }
+      }
+  }
 }
 
 }  // namespace
@@ -282,49 +310,35 @@ TEST_CASE("cuda fast vs exact agreement on random inputs at N = 262144 (real dim
 }
 
 TEST_CASE("cuda retriever agrees with the cpu backend on random inputs") {
-  // H = 128 (the production head count, one wgmma head tile) at small D and R to keep the CPU
-  // side quick, and the fixtures' H = 4 (padded to one head tile).
   double worst_logit = 0, worst_score = 0;
-  for (const auto& [D, R, H] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 128}, {128, 64, 4}}) {
-    auto weights = small_synthetic(D, R, H, 3);
-    for (int64_t N : {1, 63, 1237, 100003, 262144})
-      for (int64_t B : {1, 3, 6}) {  // B = 6: the cuBLAS projections (our GEMV serves B <= 4)
-        if (H == 4 && N > 1237) continue;
-        if (B == 6 && N > 1237) continue;
-        CAPTURE(N);
-        CAPTURE(B);
-        CAPTURE(H);
-        const Case c = random_case(B, N, D, 1000 + N + B);
-        for (Ensemble ens : {Ensemble::Max, Ensemble::Mean}) {
-          CAPTURE(static_cast<int>(ens));
-          RetrieverOptions opt;
-          opt.max_position = 1048576;
-          opt.ensemble = ens;
-          auto cpu = make_retriever(Device::Cpu, weights, opt);
-          auto cuda = make_retriever(Device::Cuda, weights, opt);
-          const Scores sc = cpu->score(c.inputs(), true);
-          Scores sg;
-          const Selection gthr = cuda->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f), &sg);
-          CHECK(max_abs_diff(sg.ensemble, sc.ensemble) <= kScoreAtol);
-          const Scores sgl = cuda->score(c.inputs(), true);
-          for (size_t l = 0; l < 3; ++l) {
-            const double v = logit_violation(sgl.layer_logits[l], sc.layer_logits[l], N);
-            worst_logit = std::max(worst_logit, v);
-            CHECK(v <= 1.0);
-          }
-          worst_score = std::max(worst_score, max_abs_diff(sg.ensemble, sc.ensemble));
-          const Selection cthr = select_chunks(sc.ensemble, B, N, SelectRule::threshold_rule(0.5f));
-          CHECK(threshold_mismatches(gthr.keep, cthr.keep, sc.ensemble, 0.5f) == 0);
-          for (int64_t k : {int64_t{64}, N + 5}) {
-            const Selection gtop = cuda->retrieve(c.inputs(), SelectRule::top_k_rule(k));
-            const Selection ctop = select_chunks(sc.ensemble, B, N, SelectRule::top_k_rule(k));
-            CHECK(topk_mismatches(gtop.keep, ctop.keep, sc.ensemble, B, N, k) == 0);
-            CHECK(gtop.kept_count == ctop.kept_count);
-            CHECK(gtop.top_indices.size() == ctop.top_indices.size());
-          }
-        }
-      }
-  }
+  // B = 6: the cuBLAS projections (our GEMV serves B <= 4); the CPU side is kept quick.
+  const auto keep = [](int64_t H, int64_t N, int64_t B) { return !(H == 4 && N > 1237) && !(B == 6 && N > 1237); };
+  const auto check = [&](auto weights, const Case& c, RetrieverOptions opt) {
+    const int64_t B = c.B, N = c.N;
+    auto cpu = make_retriever(Device::Cpu, weights, opt);
+    auto cuda = make_retriever(Device::Cuda, weights, opt);
+    const Scores sc = cpu->score(c.inputs(), true);
+    Scores sg;
+    const Selection gthr = cuda->retrieve(c.inputs(), SelectRule::threshold_rule(0.5f), &sg);
+    CHECK(max_abs_diff(sg.ensemble, sc.ensemble) <= kScoreAtol);
+    const Scores sgl = cuda->score(c.inputs(), true);
+    for (size_t l = 0; l < 3; ++l) {
+      const double v = logit_violation(sgl.layer_logits[l], sc.layer_logits[l], N);
+      worst_logit = std::max(worst_logit, v);
+      CHECK(v <= 1.0);
+    }
+    worst_score = std::max(worst_score, max_abs_diff(sg.ensemble, sc.ensemble));
+    const Selection cthr = select_chunks(sc.ensemble, B, N, SelectRule::threshold_rule(0.5f));
+    CHECK(threshold_mismatches(gthr.keep, cthr.keep, sc.ensemble, 0.5f) == 0);
+    for (int64_t k : {int64_t{64}, N + 5}) {
+      const Selection gtop = cuda->retrieve(c.inputs(), SelectRule::top_k_rule(k));
+      const Selection ctop = select_chunks(sc.ensemble, B, N, SelectRule::top_k_rule(k));
+      CHECK(topk_mismatches(gtop.keep, ctop.keep, sc.ensemble, B, N, k) == 0);
+      CHECK(gtop.kept_count == ctop.kept_count);
+      CHECK(gtop.top_indices.size() == ctop.top_indices.size());
+    }
+  };
+  sweep_random_cases(3, 1000, {1, 63, 1237, 100003, 262144}, {1, 3, 6}, keep, check);
   MESSAGE("cpu vs cuda (exact), random inputs: worst logit error / tolerance ", worst_logit, ", worst |d score| ",
           worst_score);
 }
@@ -337,41 +351,29 @@ TEST_CASE("cuda fast mode on ragged shapes agrees with exact mode") {
   // byte or query word gives unrelated scores (0.34 to 0.96 measured when the query image and
   // the key fragments disagreed on the K order).
   double worst = 0;
-  for (const auto& [D, R, H] : {std::tuple<int64_t, int64_t, int64_t>{512, 256, 128}, {128, 64, 4}}) {
-    auto weights = small_synthetic(D, R, H, 5);
-    for (int64_t N : {1, 63, 1237, 100003})
-      for (int64_t B : {1, 3}) {
-        CAPTURE(N);
-        CAPTURE(B);
-        CAPTURE(H);
-        const Case c = random_case(B, N, D, 2000 + N + B);
-        for (Ensemble ens : {Ensemble::Max, Ensemble::Mean}) {
-          CAPTURE(static_cast<int>(ens));
-          RetrieverOptions opt;
-          opt.max_position = 1048576;
-          opt.ensemble = ens;
-          auto exact = make_retriever(Device::Cuda, weights, opt);
-          opt.precision = Precision::Fast;
-          auto fast = make_retriever(Device::Cuda, weights, opt);
-          const Scores se = exact->score(c.inputs());
-          const Scores sf = fast->score(c.inputs(), true);
-          const double d = max_abs_diff(sf.ensemble, se.ensemble);
-          worst = std::max(worst, d);
-          CHECK(d <= 0.25);
-          // The ensemble is made of the layer logits it reports (approximate sigmoid: 1e-5).
-          double ens_err = 0;
-          for (int64_t i = 0; i < B * N; ++i) {
-            double e = 0.0;
-            for (size_t l = 0; l < 3; ++l) {
-              const double sg = 1.0 / (1.0 + std::exp(-static_cast<double>(sf.layer_logits[l][i])));
-              e = ens == Ensemble::Max ? std::max(e, sg) : e + sg / 3.0;
-            }
-            ens_err = std::max(ens_err, std::abs(e - sf.ensemble[i]));
-          }
-          CHECK(ens_err <= 1e-5);
-        }
+  const auto all = [](int64_t, int64_t, int64_t) { return true; };
+  const auto check = [&](auto weights, const Case& c, RetrieverOptions opt) {
+    auto exact = make_retriever(Device::Cuda, weights, opt);
+    opt.precision = Precision::Fast;
+    auto fast = make_retriever(Device::Cuda, weights, opt);
+    const Scores se = exact->score(c.inputs());
+    const Scores sf = fast->score(c.inputs(), true);
+    const double d = max_abs_diff(sf.ensemble, se.ensemble);
+    worst = std::max(worst, d);
+    CHECK(d <= 0.25);
+    // The ensemble is made of the layer logits it reports (approximate sigmoid: 1e-5).
+    double ens_err = 0;
+    for (int64_t i = 0; i < c.B * c.N; ++i) {
+      double e = 0.0;
+      for (size_t l = 0; l < 3; ++l) {
+        const double sg = 1.0 / (1.0 + std::exp(-static_cast<double>(sf.layer_logits[l][i])));
+        e = opt.ensemble == Ensemble::Max ? std::max(e, sg) : e + sg / 3.0;
       }
-  }
+      ens_err = std::max(ens_err, std::abs(e - sf.ensemble[i]));
+    }
+    CHECK(ens_err <= 1e-5);
+  };
+  sweep_random_cases(5, 2000, {1, 63, 1237, 100003}, {1, 3}, all, check);
   MESSAGE("fast vs exact on ragged shapes: max |d score| ", worst);
 }
 
