@@ -19,28 +19,14 @@ constexpr int kGroupRows = 64;      // wgmma M: chunks a warpgroup scores at onc
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(smem)), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 // Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async) visible to the
 // async proxy (wgmma operands, bulk copies).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Barrier of one warpgroup's 128 threads (ids 1..4; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory"); }
-
-// True when one of the 4 bytes is an e4m3fn NaN (0x7F or 0xFF).
-__device__ __forceinline__ bool has_fp8_nan(uint32_t w) {
-  const uint32_t t = (w & 0x7F7F7F7Fu) ^ 0x7F7F7F7Fu;  // a NaN byte becomes 0
-  return ((t - 0x01010101u) & ~t & 0x80808080u) != 0;
-}
+// The top bit of each byte of the result is set where the byte is an e4m3fn NaN (0x7F or 0xFF):
+// adding 1 to the low 7 bits carries into bit 7 exactly for 0x7F, and never across bytes.
+__device__ __forceinline__ uint32_t nan_bytes(uint32_t w) { return (w & 0x7F7F7F7Fu) + 0x01010101u; }
+constexpr uint32_t kByteTops = 0x80808080u;  // the top (e4m3: sign) bit of each of 4 bytes
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -54,11 +40,6 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// Keeps the compiler from moving accumulator reads/writes across the async MMA boundaries.
-__device__ __forceinline__ void fence_operands(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
 
 // The 64 f32 accumulators of an m64n128 wgmma: the register list of its PTX and the asm
 // operands %0 .. %63 that bind it to d[0 .. 63].

@@ -34,8 +34,6 @@
 // - The chunk scale is applied after the dot product: relu(s*d) = |s| * relu(sign(s)*d); the
 //   fragments of a row with a negative scale get their sign bits flipped (skipped by the warp
 //   when no row of it has one). Per-head 2^-e_h is folded into w (exact power-of-two scaling).
-// - NaN check per key word: ((w & 0x7F7F7F7F) + 0x01010101) has a byte's top bit set exactly
-//   when that byte is 0x7F or 0xFF (no carry crosses bytes).
 // - A grid row per batch row (gridDim.y = B, blockIdx.x splits the row's units), so a block's
 //   queries are staged once.
 // - Measured on the H100 (fast B 1 N 1M, device time of the score graph; bench/RESULTS.md):
@@ -189,8 +187,16 @@ __device__ __forceinline__ void issue_scoring(float (&d)[64], const uint32_t (&a
   wgmma_commit();
 }
 
-// The top bit of each byte of the result is set where the byte is an e4m3fn NaN.
-__device__ __forceinline__ uint32_t nan_bytes(uint32_t w) { return (w & 0x7F7F7F7Fu) + 0x01010101u; }
+// A position in the ring: slot s of lap parity `lap` (the parity its full/empty barriers
+// complete with); advanced by fewer than kStages units at a time.
+struct RingSlot {
+  int s = 0;
+  uint32_t lap = 0;
+  __device__ __forceinline__ void advance(int units) {
+    s += units;
+    if (s >= kStages) s -= kStages, lap ^= 1;
+  }
+};
 
 // Contract: see ScoreParams. Grid (G, B): block (x, b) scores the units [x*U/G, (x+1)*U/G) of
 // row b, U = ceil(N / 64). 512 threads, one block an SM.
@@ -212,6 +218,10 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
   const auto unit_n0 = [&](int i) { return (t_begin + i) * kGroupRows; };
   const auto unit_src = [&](int i) { return p.keys + (b * N + unit_n0(i)) * kChunkBytes; };
   const auto unit_rows = [&](int i) { return static_cast<int>(N - unit_n0(i) < kGroupRows ? N - unit_n0(i) : kGroupRows); };
+  // Row 0 of unit i in ring slot s: the slot holds the 16-byte-aligned window around its rows.
+  const auto slot_rows = [&](int s, int i) {
+    return ring + s * kSlotBytes + (reinterpret_cast<uintptr_t>(unit_src(i)) & 15);
+  };
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -228,15 +238,15 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
   if (wg == 0) {
     setmaxnreg_dec<kProducerRegs>();
     const int t = threadIdx.x;
-    int i = 0, s = 0;
-    uint32_t lap = 0;  // parity of the ring lap of unit i
-    const auto issue = [&] {  // unit i into slot s
+    int i = 0;
+    RingSlot at;  // unit i's
+    const auto issue = [&] {  // unit i into its slot
       const uintptr_t src = reinterpret_cast<uintptr_t>(unit_src(i));
       const uintptr_t lo = src & ~uintptr_t{15}, hi = (src + unit_rows(i) * kChunkBytes + 15) & ~uintptr_t{15};
-      mbar_arrive_expect_tx(&full[s], static_cast<uint32_t>(hi - lo));
-      bulk_copy(ring + s * kSlotBytes, reinterpret_cast<const void*>(lo), static_cast<uint32_t>(hi - lo), &full[s]);
+      mbar_arrive_expect_tx(&full[at.s], static_cast<uint32_t>(hi - lo));
+      bulk_copy(ring + at.s * kSlotBytes, reinterpret_cast<const void*>(lo), static_cast<uint32_t>(hi - lo), &full[at.s]);
       ++i;
-      if (++s == kStages) s = 0, lap ^= 1;
+      at.advance(1);
     };
     // The first lap of keys is in flight before the grid wait (keys are the caller's).
     if (t == 0)
@@ -253,27 +263,26 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
     mbar_arrive(qfull);
     if (t == 0)
       while (i < count) {
-        mbar_wait(&empty[s], lap ^ 1);  // the consumer of the slot's previous unit is done with it
+        mbar_wait(&empty[at.s], at.lap ^ 1);  // the consumer of the slot's previous unit is done with it
         issue();
       }
     if (t >= 64) {  // warps 2 and 3 check the keys, thread t - 64 a row of each unit
       const int r = t - 64, lane = t % 32;
-      s = 0, lap = 0;
-      for (i = 0; i < count; ++i) {
-        mbar_wait(&full[s], lap);
+      RingSlot check;
+      for (i = 0; i < count; ++i, check.advance(1)) {
+        mbar_wait(&full[check.s], check.lap);
         if (r < unit_rows(i)) {
-          const uint8_t* raw = ring + s * kSlotBytes + (reinterpret_cast<uintptr_t>(unit_src(i)) & 15) + r * kChunkBytes;
+          const uint8_t* raw = slot_rows(check.s, i) + r * kChunkBytes;
           const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);  // row r: bank r + j
           uint32_t nan = 0;
 #pragma unroll
           for (int j = 0; j < kHeadDim / 4; ++j) nan |= nan_bytes(words[j]);
           const float scale = *reinterpret_cast<const float*>(raw + kHeadDim);
-          if ((nan & 0x80808080u) != 0 || !isfinite(scale))
+          if ((nan & kByteTops) != 0 || !isfinite(scale))
             atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + unit_n0(i) + r));
         }
         __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[s]);
-        if (++s == kStages) s = 0, lap ^= 1;
+        if (lane == 0) mbar_arrive(&empty[check.s]);
       }
     }
   } else {
@@ -282,14 +291,14 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
     const int r0 = warp * 16 + g;  // this thread's rows r0, r0 + 8 of a unit
     grid_dependency_wait();        // earlier passes' scores
     mbar_wait(qfull, 0);
-    int s = wg - 1;
-    uint32_t lap = 0;
+    RingSlot at;
+    at.advance(wg - 1);
     for (int i = wg - 1; i < count; i += kConsumers) {
       const int64_t n0 = unit_n0(i);
       const int cnt = unit_rows(i);
-      mbar_wait(&full[s], lap);
+      mbar_wait(&full[at.s], at.lap);
       // Key fragments: words tq*8 + j of rows r0 (a0, a2) and r0 + 8 (a1, a3), j = 2 kk + hh.
-      const uint8_t* raw = ring + s * kSlotBytes + (reinterpret_cast<uintptr_t>(unit_src(i)) & 15);
+      const uint8_t* raw = slot_rows(at.s, i);
       const uint32_t* lo_row = reinterpret_cast<const uint32_t*>(raw + r0 * kChunkBytes) + tq * 8;
       const uint32_t* hi_row = reinterpret_cast<const uint32_t*>(raw + (r0 + 8) * kChunkBytes) + tq * 8;
       uint32_t a[4][4];
@@ -302,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       }
       const float sc_lo = *reinterpret_cast<const float*>(raw + r0 * kChunkBytes + kHeadDim);
       const float sc_hi = *reinterpret_cast<const float*>(raw + (r0 + 8) * kChunkBytes + kHeadDim);
-      const uint32_t flip_lo = sc_lo < 0.0f ? 0x80808080u : 0u, flip_hi = sc_hi < 0.0f ? 0x80808080u : 0u;
+      const uint32_t flip_lo = sc_lo < 0.0f ? kByteTops : 0u, flip_hi = sc_hi < 0.0f ? kByteTops : 0u;
       if (__any_sync(0xffffffffu, (flip_lo | flip_hi) != 0)) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -339,9 +348,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       const auto query = [&](int l, int nt) { return smem_desc(smem + (l * Hp + nt * kHeadTile) * kHeadDim); };
       issue_scoring(acc, a, query(0, 0));
       __syncwarp();  // the wgmma fence above waited for every lane's key words: the slot is free
-      if (lane == 0) mbar_arrive(&empty[s]);
-      s += kConsumers;
-      if (s >= kStages) s -= kStages, lap ^= 1;
+      if (lane == 0) mbar_arrive(&empty[at.s]);
+      at.advance(kConsumers);
       struct Item {  // (layer, head tile), walked in order without a division by NT
         int l, nt;
       };

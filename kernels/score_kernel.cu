@@ -43,6 +43,25 @@ namespace flashmem::kernels {
 
 namespace {
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// Barrier of one warpgroup's 128 threads (ids 1..4; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_sync(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory"); }
+
+// Keeps the compiler from moving accumulator reads/writes across the async MMA boundaries.
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 constexpr int kWarpGroups = 4, kThreads = kWarpGroups * 128;  // 128 registers a thread at most
 constexpr int kTileChunks = kWarpGroups * kGroupRows;
 static_assert(kTileChunks == 256 && kThreads == 512, "a tile is 4 warpgroups x 64 chunks");
@@ -215,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
                          r * kChunkBytes;
       const float scale = *reinterpret_cast<const float*>(t + kHeadDim);
       const bool valid = row < cnt;
-      const uint32_t flip = scale < 0.0f ? 0x80808080u : 0u;
+      const uint32_t flip = scale < 0.0f ? kByteTops : 0u;
       const uint32_t* words = reinterpret_cast<const uint32_t*>(t + 64 * kb);
       uint8_t* dst = atile + kb * kGroupRows * kSwizzleBlock + r * kSwizzleBlock;
       bool bad = !isfinite(scale);
@@ -223,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       for (int i = 0; i < 8; ++i) {
         const int c = i ^ (kb << 2);  // the two K-block halves of a row hit different banks
         const uint32_t w0 = valid ? words[2 * c] : 0u, w1 = valid ? words[2 * c + 1] : 0u;
-        bad |= has_fp8_nan(w0) | has_fp8_nan(w1);
+        bad |= ((nan_bytes(w0) | nan_bytes(w1)) & kByteTops) != 0;
         const uint4 v = make_uint4(fp8x2_to_f16x2((w0 ^ flip) & 0xFFFFu), fp8x2_to_f16x2((w0 ^ flip) >> 16),
                                    fp8x2_to_f16x2((w1 ^ flip) & 0xFFFFu), fp8x2_to_f16x2((w1 ^ flip) >> 16));
         *reinterpret_cast<uint4*>(dst + ((c ^ (r % 8)) * 16)) = v;
