@@ -42,7 +42,10 @@
 //   m64n8k16 wgmma hold the tensor pipe far beyond their FLOPs. Not better, each measured: the
 //   head sum by mma.sync (0.228) or on the fp32 pipes (0.227-0.230, or for the last item only,
 //   0.218-0.223), 2 or 4 head-sum accumulators, 2 consumers with two accumulator sets (ptxas
-//   serialises the loop, C7514; straight-line 0.237-0.280), 4 consumers (no registers: C7512).
+//   serialises the loop, C7514; straight-line 0.237-0.280), 4 consumers (no registers: C7512);
+//   and (session 4) the head sum as bf16x2 fma on the fp pipes with the quad summed by
+//   shuffles (0.217-0.222) or by one m64n8k16 an item (0.210-0.214, within the spread): off the
+//   tensor pipe, the consumer warps' own per-item chain sets the pace.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
