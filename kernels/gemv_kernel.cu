@@ -238,11 +238,14 @@ cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t 
                      y_bstride, chained, stream);
 }
 
+// The rows go to dynamic shared memory within the default 48 KB (no opt-in attribute).
+bool project_finish_normalises(int B, int K) { return static_cast<int64_t>(B) * K * 4 <= 48 * 1024; }
+
 cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int64_t w_lstride, const float* x,
                                    int64_t x_lstride, int64_t x_bstride, const float* x_norm, const QueryFinish& f,
                                    cudaStream_t stream) {
   if (!gemv_supported(f.B, K, bf16_weights) || !aligned16(W) || (!x_norm && !aligned16(x))) return cudaErrorInvalidValue;
-  if (x_norm && static_cast<int64_t>(f.B) * K * 4 > 48 * 1024) return cudaErrorInvalidValue;
+  if (x_norm && !project_finish_normalises(f.B, K)) return cudaErrorInvalidValue;
   if (bf16_weights)
     return launch_project_finish(static_cast<const __nv_bfloat16*>(W), K, w_lstride, x, x_lstride, x_bstride, x_norm, f,
                                  stream);

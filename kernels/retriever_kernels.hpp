@@ -81,9 +81,10 @@ cudaError_t finish_queries(const float* q_raw, const QueryFinish& f, cudaStream_
 // the same needs as gemv): layer l's q[b] = W_l x_l[b], W_l = W + l*w_lstride [H*128, K],
 // x_l[b] = x + l*x_lstride + b*x_bstride, each row summed bitwise as gemv sums it, then finished
 // in the kernel (no q_raw in memory). x_norm (optional, [L, K] fp32): each x row is first
-// RMS-normalised as rmsnorm_rows does, bitwise the same (f.B * K * 4 <= 48 KB; x then needs no
-// alignment). A programmatic dependent launch: W streams while the kernel that writes x and
-// f.proj finishes.
+// RMS-normalised as rmsnorm_rows does, bitwise the same (where project_finish_normalises(f.B, K);
+// x then needs no alignment). A programmatic dependent launch: W streams while the kernel that
+// writes x and f.proj finishes.
+bool project_finish_normalises(int B, int K);  // B normalised rows of K fit its shared memory
 cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int64_t w_lstride, const float* x,
                                    int64_t x_lstride, int64_t x_bstride, const float* x_norm, const QueryFinish& f,
                                    cudaStream_t stream);

@@ -405,7 +405,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
       const float* q_in = proj;  // layer l's row b at q_in + l * q_lstride + b * q_bstride
       int64_t q_lstride = stride_, q_bstride = P_;
       const float* q_norm = d_qnorm_.as<float>();
-      if (B * R_ * 4 > 48 * 1024) {  // the normalised rows are the input instead
+      if (!kernels::project_finish_normalises(static_cast<int>(B), static_cast<int>(R_))) {  // normalised rows as input
         FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, q_norm, L_, B, R_, a, false, stream_));
         q_in = static_cast<const float*>(a);
         q_lstride = B * R_;
