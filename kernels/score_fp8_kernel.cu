@@ -149,15 +149,26 @@ __device__ __forceinline__ uint32_t relu_bf16x2(float lo, float hi) {
 // 2 (l % 4) holding the layer's weight rounded to bf16 and column 2 (l % 4) + 1 the remainder
 // (the f32 sum of the two carries ~16 bits of the weight), the other columns zero: the head
 // sums of a group of 4 layers accumulate side by side in one m64n8 accumulator.
-// Writes the tiles (l * NT + nt) of layers [0, LC) from w (LC x Hp f32) into wb, thread t of n.
-__device__ __forceinline__ void build_head_sum_tiles(const float* w, int LC, int Hp, __nv_bfloat16* wb, int t, int n) {
-  const int NT = Hp / kHeadTile;
-  for (int i = t; i < LC * NT * kHeadSumTileBytes / 2; i += n) {
-    const int tile = i / (kHeadSumTileBytes / 2), e = i % (kHeadSumTileBytes / 2);
-    const int col = e % 64 / 8, l = tile / NT, h = tile % NT * kHeadTile + e / 64 * 8 + e % 8;
-    const float v = col / 2 == l % 4 ? w[l * Hp + h] : 0.0f;
-    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-    wb[i] = col % 2 == 0 ? hi : __float2bfloat16_rn(v - __bfloat162float(hi));
+// Writes the tiles (l * NT + nt) of layers [0, LC) from w (LC x Hp f32) into wb, thread t of n:
+// a (layer, head) row of 8 columns at a time, its weight loaded 4 rows ahead (the loads come
+// from L2 and the consumers wait for these tiles).
+__device__ __forceinline__ void build_head_sum_tiles(const float* __restrict__ w, int LC, int Hp, __nv_bfloat16* wb, int t,
+                                                     int n) {
+  const int NT = Hp / kHeadTile, rows = LC * Hp;
+  for (int p0 = t; p0 < rows; p0 += 4 * n) {
+    float v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = p0 + j * n < rows ? w[p0 + j * n] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int p = p0 + j * n, l = p / Hp, h = p % Hp;
+      if (p >= rows) break;
+      __nv_bfloat16* row = wb + (l * NT + h / kHeadTile) * (kHeadSumTileBytes / 2) + h % kHeadTile / 8 * 64 + h % 8;
+      const __nv_bfloat16 hi = __float2bfloat16_rn(v[j]), lo = __float2bfloat16_rn(v[j] - __bfloat162float(hi));
+#pragma unroll
+      for (int col = 0; col < 8; ++col)
+        row[col * 8] = col == 2 * (l % 4) ? hi : col == 2 * (l % 4) + 1 ? lo : __float2bfloat16_rn(0.0f);
+    }
   }
 }
 
