@@ -6,6 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 out=${OUT:-/tmp}
+mkdir -p "$out"
 export FLASHMEM_TEST_DATA=$PWD/tests/data
 export FLASHMEM_BIN=$PWD/$build/src/cli/flashmem  # for the CLI suite
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
