@@ -116,8 +116,8 @@ int score_max_layers_per_pass(int H, int terms, bool fp8);  // 0: H too large fo
 cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream);
 
 // Threshold selection: keep[i] = scores[i] > t; count[b] = kept in row b (int64), in one
-// launch. scratch: threshold_scratch_bytes(B, N) bytes whose first B * 4 bytes are zero before
-// the first call (the kernel leaves them zero again).
+// launch. scratch: threshold_scratch_bytes(B, N) bytes, zero before the first call (the kernel
+// leaves all it used zero again, so calls with any B and N can share one zeroed buffer).
 size_t threshold_scratch_bytes(int64_t B, int64_t N);
 cudaError_t select_threshold(const float* scores, int64_t B, int64_t N, float t, uint8_t* keep, long long* count,
                              void* scratch, cudaStream_t stream);

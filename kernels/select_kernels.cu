@@ -14,7 +14,8 @@ constexpr int kThreads = 256;
 
 // Contract: scores [B, N]; keep [B, N] = scores > t; count[b] = kept in row b. One launch: each
 // block writes its row-part count to partial[b, blockIdx.x], and the row's last block to finish
-// (ticket[b], 0 on entry, re-armed to 0 here) sums them in block order and writes count[b].
+// (ticket[b], 0 on entry) sums them in block order and writes count[b]. It leaves the ticket and
+// the partials zero again, so the next call finds zeros wherever its B and N place them.
 // Grid (ceil(N / (256*8)) capped, B).
 __global__ void __launch_bounds__(kThreads) threshold_kernel(const float* __restrict__ scores, int64_t N, float t,
                                                              uint8_t* __restrict__ keep, long long* count,
@@ -48,8 +49,10 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const float* __rest
   if (!last) return;
   __threadfence();
   long long sum = 0;
-  for (unsigned i = threadIdx.x; i < gridDim.x; i += kThreads)
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += kThreads) {
     sum += *static_cast<volatile int*>(partial + b * gridDim.x + i);
+    partial[b * gridDim.x + i] = 0;
+  }
   const int row = block_sum(static_cast<int>(sum));  // a row has at most 2^31 - 1 chunks
   if (threadIdx.x == 0) {
     count[b] = row;

@@ -258,12 +258,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
       s.scratch_bytes = kernels::threshold_scratch_bytes(B, N);
       const bool fresh = s.scratch_bytes > d_threshold_scratch_.size_bytes();
       s.scratch = d_threshold_scratch_.reserve(s.scratch_bytes, "the threshold selection scratch", &bytes_);
-      // Its first B * 4 bytes are per-row tickets that every selection leaves at zero;
-      // a call with another B would find the last call's partial sums there instead.
-      if (fresh || B != threshold_rows_) {
-        FM_CUDA(cudaMemsetAsync(s.scratch, 0, B * 4, stream_));
-        threshold_rows_ = B;
-      }
+      if (fresh) FM_CUDA(cudaMemsetAsync(s.scratch, 0, s.scratch_bytes, stream_));  // then kept zero by the kernel
     } else {
       s.k = std::min(rule.top_k, N);
       s.out.top_indices = static_cast<int64_t*>(d_top_.reserve(B * s.k * sizeof(int64_t), "the top-k indices", &bytes_));
@@ -476,7 +471,6 @@ class CudaRetrieverImpl final : public CudaRetriever {
   bool fast_ = false, fp8_ = false;
   enum class GemvMode { Custom, Cublas, Sgemv } gemv_mode_ = GemvMode::Custom;
   int64_t last_B_ = 0, last_N_ = 0;
-  int64_t threshold_rows_ = 0;  // B of the last threshold selection (see prepare_selection)
   size_t bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
