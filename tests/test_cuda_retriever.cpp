@@ -432,7 +432,8 @@ TEST_CASE("cuda bad input: as the cpu, plus device memory") {
   RetrieverOptions fast_opt;
   fast_opt.precision = Precision::Fast;
   auto fast = make_retriever(Device::Cuda, weights, fast_opt);
-  // Both NaN encodings, the second under a negative scale (the fast kernel flips its sign bits).
+  // Both NaN encodings (0x7F, 0xFF), in a row with a negative scale (the fast kernel flips the
+  // sign bits of such a row before scoring).
   const float negative = -0.5f;
   std::memcpy(c.keys.data() + (1 * 50 + 7) * 132 + 128, &negative, 4);
   for (int byte = 1; byte < 128; byte += 9) {
