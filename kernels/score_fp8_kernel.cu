@@ -45,7 +45,9 @@
 //   serialises the loop, C7514; straight-line 0.237-0.280), 4 consumers (no registers: C7512);
 //   and (session 4) the head sum as bf16x2 fma on the fp pipes with the quad summed by
 //   shuffles (0.217-0.222) or by one m64n8k16 an item (0.210-0.214, within the spread): off the
-//   tensor pipe, the consumer warps' own per-item chain sets the pace.
+//   tensor pipe, the consumer warps' own per-item chain sets the pace. Hiding that chain under
+//   the pipe did not gain either (session 7): the next unit's first scoring issued before this
+//   unit's finish, or each item as two 64-head halves in ping-pong (0.210-0.213 both).
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
