@@ -47,7 +47,11 @@
 //   shuffles (0.217-0.222) or by one m64n8k16 an item (0.210-0.214, within the spread): off the
 //   tensor pipe, the consumer warps' own per-item chain sets the pace. Hiding that chain under
 //   the pipe did not gain either (session 7): the next unit's first scoring issued before this
-//   unit's finish, or each item as two 64-head halves in ping-pong (0.210-0.213 both).
+//   unit's finish, or each item as two 64-head halves in ping-pong (0.210-0.213 both). Nor did
+//   ordering the consumers' wgmma batches (session 8): taking turns by named barriers
+//   (0.229-0.231) or all head sums before all scorings (0.219-0.221). One head-sum wgmma an
+//   item already costs ~33 us at N 1M here (0.161 without, 0.195 with), ~13 cycles an item in
+//   a microbenchmark of the same chain.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
