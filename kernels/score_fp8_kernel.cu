@@ -36,22 +36,15 @@
 //   when no row of it has one). Per-head 2^-e_h is folded into w (exact power-of-two scaling).
 // - A grid row per batch row (gridDim.y = B, blockIdx.x splits the row's units), so a block's
 //   queries are staged once.
-// - Measured on the H100 (fast B 1 N 1M, device time of the score graph; bench/RESULTS.md):
-//   this kernel 0.212-0.215 ms; the previous one (4 warpgroups each copying keys into a
-//   swizzled A tile) 0.227-0.235. Without the head-sum wgmma it would take 0.165: the tiny
-//   m64n8k16 wgmma hold the tensor pipe far beyond their FLOPs. Not better, each measured: the
-//   head sum by mma.sync (0.228) or on the fp32 pipes (0.227-0.230, or for the last item only,
-//   0.218-0.223), 2 or 4 head-sum accumulators, 2 consumers with two accumulator sets (ptxas
-//   serialises the loop, C7514; straight-line 0.237-0.280), 4 consumers (no registers: C7512);
-//   and (session 4) the head sum as bf16x2 fma on the fp pipes with the quad summed by
-//   shuffles (0.217-0.222) or by one m64n8k16 an item (0.210-0.214, within the spread): off the
-//   tensor pipe, the consumer warps' own per-item chain sets the pace. Hiding that chain under
-//   the pipe did not gain either (session 7): the next unit's first scoring issued before this
-//   unit's finish, or each item as two 64-head halves in ping-pong (0.210-0.213 both). Nor did
-//   ordering the consumers' wgmma batches (session 8): taking turns by named barriers
-//   (0.229-0.231) or all head sums before all scorings (0.219-0.221). One head-sum wgmma an
-//   item already costs ~33 us at N 1M here (0.161 without, 0.195 with), ~13 cycles an item in
-//   a microbenchmark of the same chain.
+// - Why the head sum is 8 wgmma m64n8k16 an item: fast B 1 N 1M takes 0.21 ms of graph device
+//   time with it and 0.16 without; the tiny wgmma hold the tensor pipe far beyond their FLOPs.
+//   A microbenchmark of this design at this size (the consumers' chain, ring, key loads,
+//   finish) lands within ~10 % of the kernel, so the cost belongs to the design. Measured and
+//   no better (numbers in bench/RESULTS.md, sessions 3-8): the head sum by mma.sync, on the
+//   fp32 pipes, as bf16x2 fma or an add tree on the CUDA cores, or as e4m3 k32 wgmma; 2 or 4
+//   head-sum accumulators; 2 consumers with two accumulator sets or 4 consumers (ptxas
+//   serialises the wgmma, C7514 / C7512); the next scoring issued before the head sum or the
+//   finish; 64-head ping-pong halves; ordering the consumers' wgmma batches by named barriers.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
