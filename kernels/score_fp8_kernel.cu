@@ -40,11 +40,13 @@
 //   time with it and 0.16 without; the tiny wgmma hold the tensor pipe far beyond their FLOPs.
 //   A microbenchmark of this design at this size (the consumers' chain, ring, key loads,
 //   finish) lands within ~10 % of the kernel, so the cost belongs to the design. Measured and
-//   no better (numbers in bench/RESULTS.md, sessions 3-8): the head sum by mma.sync, on the
+//   no better (numbers in bench/RESULTS.md, sessions 3-9): the head sum by mma.sync, on the
 //   fp32 pipes, as bf16x2 fma or an add tree on the CUDA cores, or as e4m3 k32 wgmma; 2 or 4
 //   head-sum accumulators; 2 consumers with two accumulator sets or 4 consumers (ptxas
 //   serialises the wgmma, C7514 / C7512); the next scoring issued before the head sum or the
-//   finish; 64-head ping-pong halves; ordering the consumers' wgmma batches by named barriers.
+//   finish; 64-head ping-pong halves; ordering the consumers' wgmma batches by named barriers;
+//   one FFMA a score (relu(x) = (x + |x|) / 2, |x| an FFMA operand modifier, the linear part as
+//   8 more B columns); the finish moved to the producer's idle warp.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
