@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
                                                                int64_t w_lstride, const float* __restrict__ x,
                                                                int64_t x_lstride, int64_t x_bstride,
                                                                float* __restrict__ y, int64_t y_lstride,
-                                                               int64_t y_bstride) {
+                                                               int64_t y_bstride, unsigned* rows_done,
+                                                               int64_t rows_per_count) {
   constexpr int V = 16 / sizeof(WT);
   allow_dependents();
   const int lane = threadIdx.x % 32;
@@ -123,6 +124,29 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
     const float v = warp_sum(acc[b]);
     if (lane == b) y[z * y_lstride + b * y_bstride + r] = v;
   }
+  if (rows_done) {  // release: the row's values, then its count
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) atomicAdd(rows_done + r / rows_per_count, 1u);
+  }
+}
+
+// Spins until ready[l] >= count (acquire), for a block that starts before the kernel writing
+// its input ends; the block's last pass (ticket ready[gridDim.y]) re-arms the counters.
+__device__ __forceinline__ void wait_rows_ready(unsigned* ready, unsigned count, int l) {
+  if (threadIdx.x == 0) {
+    unsigned seen;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(ready + l) : "memory");
+      if (seen >= count) break;
+      __nanosleep(32);
+    }
+    __threadfence();
+    if (atomicAdd(ready + gridDim.y, 1u) == gridDim.x * gridDim.y - 1) {
+      for (unsigned i = 0; i <= gridDim.y; ++i) ready[i] = 0;  // every block is past its wait
+    }
+  }
+  __syncthreads();
 }
 
 // Contract: block (h, l) = head h of layer l: rows h*128 .. h*128+127 of W_l = W + l*w_lstride
@@ -139,8 +163,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
 // dimensions resident at once on 132 SMs (one wave, no tail of late blocks).
 template <typename WT, int NB, int TERMS, bool FP8>
 __global__ void __launch_bounds__(kFusedWarps * 32, 3)
-    project_finish_kernel(const WT* __restrict__ W, int K, int64_t w_lstride, const float* __restrict__ x,
-                          int64_t x_lstride, int64_t x_bstride, const float* __restrict__ x_norm, QueryFinish f) {
+    project_finish_kernel(const WT* __restrict__ W, int K, int64_t w_lstride, const float* x,
+                          int64_t x_lstride, int64_t x_bstride, const float* __restrict__ x_norm, QueryFinish f,
+                          unsigned* x_ready, unsigned x_ready_count) {
   constexpr int V = 16 / sizeof(WT);
   static_assert(NB <= kFusedWarps, "a warp per batch row finishes the head");
   allow_dependents();
@@ -152,7 +177,8 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 3)
   uint4 raw[kLoadsInFlight];
   load_batch(raw, w0, lane * V, K);
   const float4 cs = warp < NB ? rope_pairs(f.angles, warp, lane) : float4{};
-  grid_dependency_wait();  // x and f.proj are the previous kernel's output
+  if (x_ready) wait_rows_ready(x_ready, x_ready_count, l);  // x and f.proj: the running gemv's rows
+  else grid_dependency_wait();  // x and f.proj are the previous kernel's output
   const float* xl = x + l * x_lstride;
   int64_t xb = x_bstride;
   if (x_norm) {
@@ -161,7 +187,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32, 3)
     for (int b = 0; b < NB; ++b) {
       const float* xr = xl + b * x_bstride;
       const float inv = inv_rms(xr, K, partial);
-      for (int k = threadIdx.x; k < K; k += kFusedWarps * 32) xs[b * K + k] = rms_scale(xr[k], inv, nl[k]);
+      for (int k = threadIdx.x; k < K; k += kFusedWarps * 32) xs[b * K + k] = rms_scale(__ldcg(xr + k), inv, nl[k]);
       __syncthreads();
     }
     xl = xs;
@@ -197,23 +223,25 @@ cudaError_t with_batch(int B, Fn&& fn) {
 template <typename WT>
 cudaError_t launch_gemv(const WT* W, int64_t rows, int K, int64_t w_lstride, int Z, const float* x, int64_t x_lstride,
                         int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride, bool chained,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, unsigned* rows_done, int64_t rows_per_count) {
   const dim3 grid(static_cast<unsigned>((rows + kGemvWarps - 1) / kGemvWarps), Z);
   return with_batch(B, [&](auto nb) {
     return launch_chained(chained, gemv_kernel<WT, decltype(nb)::value>, grid, dim3(kGemvWarps * 32), 0, stream, W,
-                          rows, K, w_lstride, x, x_lstride, x_bstride, y, y_lstride, y_bstride);
+                          rows, K, w_lstride, x, x_lstride, x_bstride, y, y_lstride, y_bstride, rows_done,
+                          rows_per_count);
   });
 }
 
 template <typename WT>
 cudaError_t launch_project_finish(const WT* W, int K, int64_t w_lstride, const float* x, int64_t x_lstride,
-                                  int64_t x_bstride, const float* x_norm, const QueryFinish& f, cudaStream_t stream) {
+                                  int64_t x_bstride, const float* x_norm, const QueryFinish& f, cudaStream_t stream,
+                                  unsigned* x_ready, unsigned x_ready_count) {
   const size_t smem = x_norm ? static_cast<size_t>(f.B) * K * 4 : 0;
   return with_batch(f.B, [&](auto nb) {
     return with_finish_precision(f, [&](auto terms, auto fp8) {
       return launch_chained(true, project_finish_kernel<WT, decltype(nb)::value, decltype(terms)::value, decltype(fp8)::value>,
                             dim3(f.H, f.L), dim3(kFusedWarps * 32), smem, stream, W, K, w_lstride, x, x_lstride,
-                            x_bstride, x_norm, f);
+                            x_bstride, x_norm, f, x_ready, x_ready_count);
     });
   });
 }
@@ -229,13 +257,14 @@ bool gemv_supported(int B, int K, bool bf16_weights) {
 
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 bool chained, cudaStream_t stream) {
+                 bool chained, cudaStream_t stream, unsigned* rows_done, int64_t rows_per_count) {
   if (!gemv_supported(B, K, bf16_weights) || !aligned16(W) || !aligned16(x)) return cudaErrorInvalidValue;
+  if (rows_done && (rows_per_count <= 0 || Z != 1)) return cudaErrorInvalidValue;
   if (bf16_weights)
     return launch_gemv(static_cast<const __nv_bfloat16*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y,
-                       y_lstride, y_bstride, chained, stream);
+                       y_lstride, y_bstride, chained, stream, rows_done, rows_per_count);
   return launch_gemv(static_cast<const float*>(W), rows, K, w_lstride, Z, x, x_lstride, x_bstride, B, y, y_lstride,
-                     y_bstride, chained, stream);
+                     y_bstride, chained, stream, rows_done, rows_per_count);
 }
 
 // The rows go to dynamic shared memory within the default 48 KB (no opt-in attribute).
@@ -243,13 +272,15 @@ bool project_finish_normalises(int B, int K) { return static_cast<int64_t>(B) * 
 
 cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int64_t w_lstride, const float* x,
                                    int64_t x_lstride, int64_t x_bstride, const float* x_norm, const QueryFinish& f,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, unsigned* x_ready, unsigned x_ready_count) {
   if (!gemv_supported(f.B, K, bf16_weights) || !aligned16(W) || (!x_norm && !aligned16(x))) return cudaErrorInvalidValue;
   if (x_norm && !project_finish_normalises(f.B, K)) return cudaErrorInvalidValue;
+  if (x_ready && !x_norm) return cudaErrorInvalidValue;  // x is read only while normalising
   if (bf16_weights)
     return launch_project_finish(static_cast<const __nv_bfloat16*>(W), K, w_lstride, x, x_lstride, x_bstride, x_norm, f,
-                                 stream);
-  return launch_project_finish(static_cast<const float*>(W), K, w_lstride, x, x_lstride, x_bstride, x_norm, f, stream);
+                                 stream, x_ready, x_ready_count);
+  return launch_project_finish(static_cast<const float*>(W), K, w_lstride, x, x_lstride, x_bstride, x_norm, f, stream,
+                               x_ready, x_ready_count);
 }
 
 }  // namespace flashmem::kernels

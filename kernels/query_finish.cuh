@@ -27,7 +27,10 @@ __device__ __forceinline__ float inv_rms(const float* x, int n, double* partial)
   const int t = threadIdx.x;
   double sum = 0.0;
   if (t < kRmsThreads)
-    for (int k = t; k < n; k += kRmsThreads) sum += static_cast<double>(x[k]) * static_cast<double>(x[k]);
+    for (int k = t; k < n; k += kRmsThreads) {
+      const double v = __ldcg(x + k);  // L2, not the non-coherent path: x may be a running kernel's output
+      sum += v * v;
+    }
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (t < kRmsThreads && t % 32 == 0) partial[t / 32] = sum;
   __syncthreads();
@@ -136,7 +139,7 @@ __device__ __forceinline__ void finish_head_row(float4 q, float4 cs, int lane, i
     if (TERMS == 2) *reinterpret_cast<uint2*>(dst + lo_offset) = *reinterpret_cast<const uint2*>(lo);
   }
   if (lane == 0) {
-    const float fused = __fmul_rn(f.proj[b * f.P + l * f.stride + f.R + h], f.head_scale);
+    const float fused = __fmul_rn(__ldcg(f.proj + b * f.P + l * f.stride + f.R + h), f.head_scale);
     f.w_scaled[(static_cast<int64_t>(b) * f.L + l) * Hp + h] = ldexpf(fused, -e);
   }
 }

@@ -41,11 +41,13 @@ inline int64_t query_fragment_bytes(int H, int terms, bool fp8) {
 // W fp32 or bf16 (16-byte aligned rows), x and y fp32. Needs K % 4 (fp32) or K % 8 (bf16) == 0
 // and x (16-byte aligned), x_bstride, x_lstride multiples of 4. chained: a programmatic dependent
 // launch (pdl.cuh) that starts streaming W while the kernel before it, which writes x, finishes.
+// rows_done (optional, Z == 1): each row, once its y is written, adds 1 to rows_done[r /
+// rows_per_count] with release semantics, for project_finish_queries' x_ready.
 constexpr int kGemvMaxBatch = 4;
 bool gemv_supported(int B, int K, bool bf16_weights);
 cudaError_t gemv(const void* W, bool bf16_weights, int64_t rows, int K, int64_t w_lstride, int Z, const float* x,
                  int64_t x_lstride, int64_t x_bstride, int B, float* y, int64_t y_lstride, int64_t y_bstride,
-                 bool chained, cudaStream_t stream);
+                 bool chained, cudaStream_t stream, unsigned* rows_done = nullptr, int64_t rows_per_count = 0);
 
 // RMSNorm of the first projection's q part (SPEC 3.2). proj [B, P] row-major with layer l's
 // wq_a output at columns l*stride .. l*stride+R; out: [L, B, R] (float or bf16 when out_bf16).
@@ -83,11 +85,14 @@ cudaError_t finish_queries(const float* q_raw, const QueryFinish& f, cudaStream_
 // in the kernel (no q_raw in memory). x_norm (optional, [L, K] fp32): each x row is first
 // RMS-normalised as rmsnorm_rows does, bitwise the same (where project_finish_normalises(f.B, K);
 // x then needs no alignment). A programmatic dependent launch: W streams while the kernel that
-// writes x and f.proj finishes.
+// writes x and f.proj finishes. x_ready (optional, with x_norm; [L + 1] counters, zero before the
+// first call): layer l's blocks start on x and f.proj once x_ready[l] >= x_ready_count (gemv's
+// rows_done) instead of when the kernel before ends, whose grid-completion handoff costs
+// microseconds; the kernel re-arms the counters to zero.
 bool project_finish_normalises(int B, int K);  // B normalised rows of K fit its shared memory
 cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int64_t w_lstride, const float* x,
                                    int64_t x_lstride, int64_t x_bstride, const float* x_norm, const QueryFinish& f,
-                                   cudaStream_t stream);
+                                   cudaStream_t stream, unsigned* x_ready = nullptr, unsigned x_ready_count = 0);
 
 // Scoring (SPEC 4): keys [B, N, 132] device, 4-byte aligned. Layers [layer0, layer0+count) of
 // qfrag/w_scaled. Per chunk: logit_l = sum_h relu(q_lh . k) * w_lh, score = ensemble of

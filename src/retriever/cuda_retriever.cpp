@@ -69,6 +69,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
     FM_CUDA(cudaMemsetAsync(bad_flag_, 0xFF, 8, stream_));  // on stream_: ordered before the first call
     FM_CUDA(cudaMemsetAsync(bad_flag_ + 1, 0, 8, stream_));
     pinned_bad_.reserve(8);
+    rows_ready_ = static_cast<unsigned*>(d_ready_.reserve((L_ + 1) * sizeof(unsigned), "the query side's row counters", &bytes_));
+    FM_CUDA(cudaMemsetAsync(rows_ready_, 0, (L_ + 1) * sizeof(unsigned), stream_));  // then re-armed by the kernel
   }
 
   ~CudaRetrieverImpl() override {
@@ -393,8 +395,11 @@ class CudaRetrieverImpl final : public CudaRetriever {
     f.qfrag = x.qfrag;
     f.w_scaled = x.wsc;
     if (x.custom_gemv) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
+      // Where wq_b's kernel normalises its own rows, it starts on each layer's rows as the gemv
+      // counts them written (rows_ready_) instead of at the gemv's end.
+      const bool handoff = kernels::project_finish_normalises(static_cast<int>(B), static_cast<int>(R_));
       FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, x.hidden, 0, D_, static_cast<int>(B),
-                            proj, 0, P_, /*chained=*/false, stream_));
+                            proj, 0, P_, /*chained=*/false, stream_, handoff ? rows_ready_ : nullptr, stride_));
       // wq_b with the query finish in the same kernel, and the rmsnorm too where its rows fit in
       // shared memory (each kernel fewer in the chain is a launch gap and a wait fewer).
       const float* q_in = proj;  // layer l's row b at q_in + l * q_lstride + b * q_bstride
@@ -408,7 +413,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
         q_norm = nullptr;
       }
       FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
-                                              q_in, q_lstride, q_bstride, q_norm, f, stream_));
+                                              q_in, q_lstride, q_bstride, q_norm, f, stream_,
+                                              handoff ? rows_ready_ : nullptr, static_cast<unsigned>(stride_)));
     } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
       const float* wb = d_wb_.as<float>();
@@ -476,9 +482,10 @@ class CudaRetrieverImpl final : public CudaRetriever {
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer<> workspace_, d_wa_, d_wb_, d_qnorm_;
   DeviceBuffer<> d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_scores_, d_logits_,
-      d_bad_, d_keep_, d_count_, d_top_, d_topk_scratch_, d_threshold_scratch_;
+      d_bad_, d_ready_, d_keep_, d_count_, d_top_, d_topk_scratch_, d_threshold_scratch_, d_kept_scratch_;
   PinnedBuffer<> pinned_angles_, pinned_bad_;
   unsigned long long* bad_flag_ = nullptr;  // [0]: the flag, [1]: the scoring kernel's block counter
+  unsigned* rows_ready_ = nullptr;          // [L + 1]: gemv rows written per layer, and a ticket
   cudaGraphExec_t graph_exec_ = nullptr;
   Launch graph_launch_{};
 };
