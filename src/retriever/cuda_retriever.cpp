@@ -104,7 +104,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     static_assert(sizeof(long long) == sizeof(int64_t));
     FM_CUDA(cudaMemcpyAsync(out.kept_count.data(), sel.kept_count, B * sizeof(int64_t), cudaMemcpyDeviceToHost, stream_));
     if (scores_out) *scores_out = download_scores(d_scores, B, N, false);
-    FM_CUDA(cudaStreamSynchronize(stream_));
+    wait();
     return out;
   }
 
@@ -117,7 +117,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     check_bad_keys(&in.keys, nullptr, B, N);
     std::vector<float> out(B * N);
     FM_CUDA(cudaMemcpyAsync(out.data(), d_logits_.as<float>() + layer * B * N, B * N * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    FM_CUDA(cudaStreamSynchronize(stream_));
+    wait();
     return out;
   }
 
@@ -148,12 +148,19 @@ class CudaRetrieverImpl final : public CudaRetriever {
     return s.out;
   }
 
-  void synchronize() override { FM_CUDA(cudaStreamSynchronize(stream_)); }
+  void synchronize() override { wait(); }
   void* stream() const override { return stream_; }
   size_t device_bytes() const override { return bytes_; }
 
  private:
   static constexpr size_t kWorkspaceBytes = size_t{8} << 20;
+
+  // Every wait for the stream goes through here, so run() knows when it need not wait (a
+  // stream sync costs microseconds even on an idle stream).
+  void wait() {
+    FM_CUDA(cudaStreamSynchronize(stream_));
+    graph_unwaited_ = false;
+  }
 
   void upload_weights() {
     const RetrieverWeights& w = *weights_;
@@ -217,14 +224,14 @@ class CudaRetrieverImpl final : public CudaRetriever {
         FM_CUDA(cudaMemcpyAsync(out.layer_logits[l].data(), d_logits_.as<float>() + l * B * N, B * N * 4,
                                 cudaMemcpyDeviceToHost, stream_));
     }
-    FM_CUDA(cudaStreamSynchronize(stream_));
+    wait();
     return out;
   }
 
   // Waits for the scoring and throws, as the CPU backend does, naming the first bad chunk.
   void check_bad_keys(const CompressedKeysView* host_keys, const uint8_t* device_keys, int64_t B, int64_t N) {
     const unsigned long long* staged = static_cast<const unsigned long long*>(pinned_bad_.reserve(8));  // the scoring kernel writes it
-    FM_CUDA(cudaStreamSynchronize(stream_));
+    wait();
     const unsigned long long first = *staged;
     if (first == ~0ull) return;
     const int64_t b = static_cast<int64_t>(first) / N, n = static_cast<int64_t>(first) % N;
@@ -333,7 +340,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     x.angles = static_cast<const float*>(pinned_angles_.device_ptr());
 
     // RoPE angles on the host by the CPU's own function (identical cos/sin on both backends).
-    FM_CUDA(cudaStreamSynchronize(stream_));  // the pinned staging buffer may still be in flight
+    if (graph_unwaited_) wait();  // the pinned angles may still be read by the last graph
     for (int64_t b = 0; b < B; ++b) {
       const RopeAngles ang = rope_at(positions[b], options_.max_position);
       for (int i = 0; i < kRopePairs; ++i) {
@@ -343,6 +350,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
     }
     if (!graph_exec_ || !(x == graph_launch_)) capture(x);
     FM_CUDA(cudaGraphLaunch(graph_exec_, stream_));
+    graph_unwaited_ = true;
     last_B_ = B;
     last_N_ = N;
   }
@@ -477,6 +485,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
   bool fast_ = false, fp8_ = false;
   enum class GemvMode { Custom, Cublas, Sgemv } gemv_mode_ = GemvMode::Custom;
   int64_t last_B_ = 0, last_N_ = 0;
+  bool graph_unwaited_ = false;  // a graph was launched since the last wait()
   size_t bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
