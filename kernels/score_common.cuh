@@ -100,8 +100,11 @@ struct RowPairEnd {
     }
     combine(p, p.first_pass && l == 0, s);
   }
-  __device__ __forceinline__ void write(const ScoreParams& p, int tq) const {
-    if (tq != 0) return;
+  // Writes the scores (the quad's thread tq == 0) and, with the fused selection, their keep
+  // bytes; returns how many of them were kept.
+  __device__ __forceinline__ unsigned write(const ScoreParams& p, int tq) const {
+    if (tq != 0) return 0;
+    unsigned kept = 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = r0 + 8 * half;
@@ -109,12 +112,24 @@ struct RowPairEnd {
       float v = ens[half];
       if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
       p.scores[base + r] = v;
+      if (p.keep && p.last_pass) {
+        p.keep[base + r] = v > p.threshold;
+        kept += v > p.threshold;
+      }
     }
+    return kept;
   }
 };
 
+// Adds a warp's kept counts of batch row b to the grid's (every lane of the warp calls this).
+__device__ __forceinline__ void add_kept(const ScoreParams& p, int64_t b, unsigned kept) {
+  kept = __reduce_add_sync(0xffffffffu, kept);
+  if (p.keep && p.last_pass && threadIdx.x % 32 == 0 && kept != 0) atomicAdd(p.kept_scratch + b, kept);
+}
+
 // The last block of the grid to finish publishes the bad-chunk flag to the host and re-arms it
-// for the next call (every thread of the block calls this once, at the end).
+// for the next call, and moves the fused selection's counts (every thread of the block calls
+// this once, at the end).
 __device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p) {
   if (!p.last_pass) return;
   __syncthreads();
@@ -124,6 +139,8 @@ __device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p) {
       __threadfence();
       *p.bad_chunk_out = atomicExch(p.bad_chunk, ~0ull);
       *p.blocks_done = 0;
+      if (p.keep)
+        for (int64_t b = 0; b < p.batch; ++b) p.kept_count[b] = atomicExch(p.kept_scratch + b, 0u);
       __threadfence_system();
     }
   }

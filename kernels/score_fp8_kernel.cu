@@ -308,6 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
     mbar_wait(qfull, 0);
     RingSlot at;
     at.advance(wg - 1);
+    unsigned kept = 0;  // this thread's, with the fused selection
     for (int i = wg - 1; i < count; i += kConsumers) {
       const int64_t n0 = unit_n0(i);
       const int cnt = unit_rows(i);
@@ -384,8 +385,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[kk][k])::"memory");
-      end.write(p, tq);
+      kept += end.write(p, tq);
     }
+    add_kept(p, b, kept);
   }
   publish_bad_chunk(p);
 }

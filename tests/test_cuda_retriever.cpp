@@ -511,31 +511,46 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   }
   CHECK(dev->device_bytes() == after_first);
   MESSAGE("device bytes before first call ", before, ", after ", after_first);
-  // Scoring and selection in one graph: the same results as the two calls, in both precisions.
+  // Scoring and selection in one graph (the threshold fused into the scoring kernel): the same
+  // results as the two calls (score_device, then the selection kernel), in both precisions; the
+  // second shape has more 256-chunk tiles than SMs, so exact-mode blocks span batch rows.
   RetrieverOptions fast_opt;
   fast_opt.precision = Precision::Fast;
   auto fast = make_retriever(Device::Cuda, weights, fast_opt);
-  for (CudaRetriever* r : {dev, dynamic_cast<CudaRetriever*>(fast.get())}) {
-    for (const SelectRule& rule : {SelectRule::threshold_rule(0.5f), SelectRule::top_k_rule(77), SelectRule::threshold_rule(0.7f)}) {
-      auto fetch = [&](const CudaRetriever::DeviceSelection& s, bool topk) {
-        std::vector<uint8_t> keep(c.B * c.N);
-        std::vector<int64_t> count(c.B), top(topk ? c.B * 77 : 0);
-        REQUIRE(cudaMemcpy(keep.data(), s.keep, keep.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
-        REQUIRE(cudaMemcpy(count.data(), s.kept_count, count.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
-        if (topk) REQUIRE(cudaMemcpy(top.data(), s.top_indices, top.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
-        return std::make_tuple(keep, count, top);
-      };
-      const bool topk = rule.kind == SelectRule::Kind::TopK;
-      r->score_device(din);
-      const CudaRetriever::DeviceSelection sel = r->select_device(rule);
-      r->synchronize();  // select_device returns without waiting; fetch copies on another stream
-      const auto two_calls = fetch(sel, topk);
-      for (int i = 0; i < 3; ++i) {  // the first call captures the graph, the others replay it
-        const auto fused = fetch(r->score_select_device(din, rule), topk);
-        CHECK(fused == two_calls);
+  const Case wide = random_case(3, 50001, 256, 9);
+  void* wide_keys = nullptr;
+  void* wide_hidden = nullptr;
+  REQUIRE(cudaMalloc(&wide_keys, wide.keys.size()) == cudaSuccess);
+  REQUIRE(cudaMalloc(&wide_hidden, wide.hidden.size() * 4) == cudaSuccess);
+  REQUIRE(cudaMemcpy(wide_keys, wide.keys.data(), wide.keys.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+  REQUIRE(cudaMemcpy(wide_hidden, wide.hidden.data(), wide.hidden.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+  const CudaRetriever::DeviceInputs wide_din{static_cast<const float*>(wide_hidden),
+                                             static_cast<const uint8_t*>(wide_keys), wide.B, wide.N, wide.positions};
+  for (const CudaRetriever::DeviceInputs& in : {din, wide_din})
+    for (CudaRetriever* r : {dev, dynamic_cast<CudaRetriever*>(fast.get())}) {
+      for (const SelectRule& rule : {SelectRule::threshold_rule(0.5f), SelectRule::top_k_rule(77), SelectRule::threshold_rule(0.7f)}) {
+        auto fetch = [&](const CudaRetriever::DeviceSelection& s, bool topk) {
+          std::vector<uint8_t> keep(in.batch * in.chunks);
+          std::vector<int64_t> count(in.batch), top(topk ? in.batch * 77 : 0);
+          REQUIRE(cudaMemcpy(keep.data(), s.keep, keep.size(), cudaMemcpyDeviceToHost) == cudaSuccess);
+          REQUIRE(cudaMemcpy(count.data(), s.kept_count, count.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+          if (topk) REQUIRE(cudaMemcpy(top.data(), s.top_indices, top.size() * 8, cudaMemcpyDeviceToHost) == cudaSuccess);
+          return std::make_tuple(keep, count, top);
+        };
+        const bool topk = rule.kind == SelectRule::Kind::TopK;
+        r->score_device(in);
+        const CudaRetriever::DeviceSelection sel = r->select_device(rule);
+        r->synchronize();  // select_device returns without waiting; fetch copies on another stream
+        const auto two_calls = fetch(sel, topk);
+        if (rule.threshold == 0.5f) CHECK(std::get<1>(two_calls)[0] > 0);  // it keeps something: not vacuous
+        for (int i = 0; i < 3; ++i) {  // the first call captures the graph, the others replay it
+          const auto fused = fetch(r->score_select_device(in, rule), topk);
+          CHECK(fused == two_calls);
+        }
       }
     }
-  }
+  cudaFree(wide_keys);
+  cudaFree(wide_hidden);
   cudaFree(keys);
   cudaFree(hidden);
 }

@@ -251,16 +251,17 @@ class CudaRetrieverImpl final : public CudaRetriever {
     DeviceSelection out;
     void* scratch;
     size_t scratch_bytes;
+    unsigned* kept_scratch;  // threshold: the scoring kernel's fused selection counts here
     bool operator==(const Select& o) const {
       return kind == o.kind && threshold == o.threshold && k == o.k && out.keep == o.out.keep &&
              out.kept_count == o.out.kept_count && out.top_indices == o.out.top_indices && scratch == o.scratch &&
-             scratch_bytes == o.scratch_bytes;
+             scratch_bytes == o.scratch_bytes && kept_scratch == o.kept_scratch;
     }
   };
 
   Select prepare_selection(const SelectRule& rule, int64_t B, int64_t N) {
     if (N > INT32_MAX) fail("selection: N = ", N, " chunks is more than the device selection supports (2^31 - 1)");
-    Select s{rule.kind, rule.threshold, 0, {}, nullptr, 0};
+    Select s{rule.kind, rule.threshold, 0, {}, nullptr, 0, nullptr};
     s.out.keep = static_cast<uint8_t*>(d_keep_.reserve(B * N, "the keep mask [B, N]", &bytes_));
     s.out.kept_count = static_cast<long long*>(d_count_.reserve(B * sizeof(long long), "the kept counts", &bytes_));
     if (rule.kind == SelectRule::Kind::Threshold) {
@@ -268,6 +269,9 @@ class CudaRetrieverImpl final : public CudaRetriever {
       const bool fresh = s.scratch_bytes > d_threshold_scratch_.size_bytes();
       s.scratch = d_threshold_scratch_.reserve(s.scratch_bytes, "the threshold selection scratch", &bytes_);
       if (fresh) FM_CUDA(cudaMemsetAsync(s.scratch, 0, s.scratch_bytes, stream_));  // then kept zero by the kernel
+      const bool fresh_counts = B * sizeof(unsigned) > d_kept_scratch_.size_bytes();
+      s.kept_scratch = static_cast<unsigned*>(d_kept_scratch_.reserve(B * sizeof(unsigned), "the fused selection's counts", &bytes_));
+      if (fresh_counts) FM_CUDA(cudaMemsetAsync(s.kept_scratch, 0, B * sizeof(unsigned), stream_));  // likewise
     } else {
       s.k = std::min(rule.top_k, N);
       s.out.top_indices = static_cast<int64_t*>(d_top_.reserve(B * s.k * sizeof(int64_t), "the top-k indices", &bytes_));
@@ -453,6 +457,9 @@ class CudaRetrieverImpl final : public CudaRetriever {
     }
     if (!x.custom_gemv) FM_CUDA(kernels::finish_queries(qraw, f, stream_));  // the custom path finished in-kernel
 
+    // A threshold selection is fused into the scoring's last pass (no kernel and no pass over the
+    // scores of its own); top-k runs after it.
+    const bool fused_threshold = x.with_select && x.select.kind == SelectRule::Kind::Threshold;
     for (int l = x.layer0; l < x.layer0 + x.count; l += max_layers_per_pass_) {
       kernels::ScoreParams p{};
       p.keys = x.keys;
@@ -474,9 +481,15 @@ class CudaRetrieverImpl final : public CudaRetriever {
       p.bad_chunk = bad_flag_;
       p.bad_chunk_out = x.staged_bad;
       p.blocks_done = reinterpret_cast<unsigned*>(bad_flag_ + 1);
+      if (fused_threshold && p.last_pass) {
+        p.keep = const_cast<uint8_t*>(x.select.out.keep);
+        p.threshold = x.select.threshold;
+        p.kept_scratch = x.select.kept_scratch;
+        p.kept_count = const_cast<long long*>(x.select.out.kept_count);
+      }
       FM_CUDA(kernels::score_chunks(p, sm_count_, stream_));
     }
-    if (x.with_select) enqueue_selection(x.select, B, x.N);
+    if (x.with_select && !fused_threshold) enqueue_selection(x.select, B, x.N);
   }
 
   int L_ = 0;
