@@ -103,10 +103,6 @@ cudaError_t project_finish_queries(const void* W, bool bf16_weights, int K, int6
 // non-finite scale (initialise to UINT64_MAX once). On the last pass the grid's last block
 // moves it to *bad_chunk_out (pinned host memory: no copy after the kernel) and re-arms it
 // to UINT64_MAX; blocks_done (initialise to 0 once) counts the finished blocks and is reset.
-// keep (optional, last pass): the threshold selection fused in, as select_threshold computes it:
-// keep[b, n] = score > threshold, kept_count[b] = kept in row b; kept_scratch [B] (zero before
-// the first call) collects the blocks' counts, and the grid's last block moves them to
-// kept_count and leaves the scratch zero again. No separate pass over the scores.
 struct ScoreParams {
   const uint8_t* keys;
   const void* qfrag;
@@ -120,13 +116,21 @@ struct ScoreParams {
   unsigned long long* bad_chunk;
   unsigned long long* bad_chunk_out;
   unsigned* blocks_done;
+};
+// The threshold selection fused into the last pass of fp8 scoring (score_chunks' `select`), as
+// select_threshold computes it: keep[b, n] = score > threshold, kept_count[b] = kept in row b;
+// kept_scratch [B] (zero before the first call) collects the blocks' counts, and the grid's last
+// block moves them to kept_count and leaves the scratch zero again. No pass over the scores of
+// its own. (Not in ScoreParams: any change to those makes ptxas schedule the exact kernel
+// differently, and one such change measured 12 % slower.)
+struct FusedThreshold {
   uint8_t* keep;
   float threshold;
   unsigned* kept_scratch;
   long long* kept_count;
 };
 int score_max_layers_per_pass(int H, int terms, bool fp8);  // 0: H too large for shared memory
-cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream);
+cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream, const FusedThreshold* select = nullptr);
 
 // Threshold selection: keep[i] = scores[i] > t; count[b] = kept in row b (int64), in one
 // launch. scratch: threshold_scratch_bytes(B, N) bytes, zero before the first call (the kernel

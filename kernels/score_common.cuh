@@ -100,9 +100,20 @@ struct RowPairEnd {
     }
     combine(p, p.first_pass && l == 0, s);
   }
-  // Writes the scores (the quad's thread tq == 0) and, with the fused selection, their keep
-  // bytes; returns how many of them were kept.
-  __device__ __forceinline__ unsigned write(const ScoreParams& p, int tq) const {
+  __device__ __forceinline__ void write(const ScoreParams& p, int tq) const {
+    if (tq != 0) return;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + 8 * half;
+      if (r >= cnt) continue;
+      float v = ens[half];
+      if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
+      p.scores[base + r] = v;
+    }
+  }
+  // write() with the fused selection (the fp8 kernel's; the exact kernel keeps the separate
+  // pass): the keep bytes beside the scores; returns how many were kept.
+  __device__ __forceinline__ unsigned write_selected(const ScoreParams& p, const FusedThreshold& sel, int tq) const {
     if (tq != 0) return 0;
     unsigned kept = 0;
 #pragma unroll
@@ -112,9 +123,9 @@ struct RowPairEnd {
       float v = ens[half];
       if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
       p.scores[base + r] = v;
-      if (p.keep && p.last_pass) {
-        p.keep[base + r] = v > p.threshold;
-        kept += v > p.threshold;
+      if (sel.keep && p.last_pass) {
+        sel.keep[base + r] = v > sel.threshold;
+        kept += v > sel.threshold;
       }
     }
     return kept;
@@ -122,15 +133,15 @@ struct RowPairEnd {
 };
 
 // Adds a warp's kept counts of batch row b to the grid's (every lane of the warp calls this).
-__device__ __forceinline__ void add_kept(const ScoreParams& p, int64_t b, unsigned kept) {
+__device__ __forceinline__ void add_kept(const ScoreParams& p, const FusedThreshold& sel, int64_t b, unsigned kept) {
   kept = __reduce_add_sync(0xffffffffu, kept);
-  if (p.keep && p.last_pass && threadIdx.x % 32 == 0 && kept != 0) atomicAdd(p.kept_scratch + b, kept);
+  if (sel.keep && p.last_pass && threadIdx.x % 32 == 0 && kept != 0) atomicAdd(sel.kept_scratch + b, kept);
 }
 
 // The last block of the grid to finish publishes the bad-chunk flag to the host and re-arms it
 // for the next call, and moves the fused selection's counts (every thread of the block calls
 // this once, at the end).
-__device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p) {
+__device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p, const FusedThreshold& sel = {}) {
   if (!p.last_pass) return;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -139,8 +150,8 @@ __device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p) {
       __threadfence();
       *p.bad_chunk_out = atomicExch(p.bad_chunk, ~0ull);
       *p.blocks_done = 0;
-      if (p.keep)
-        for (int64_t b = 0; b < p.batch; ++b) p.kept_count[b] = atomicExch(p.kept_scratch + b, 0u);
+      if (sel.keep)
+        for (int64_t b = 0; b < p.batch; ++b) sel.kept_count[b] = atomicExch(sel.kept_scratch + b, 0u);
       __threadfence_system();
     }
   }
@@ -149,6 +160,6 @@ __device__ __forceinline__ void publish_bad_chunk(const ScoreParams& p) {
 // Fast mode's fp8 scoring (score_fp8_kernel.cu), behind score_chunks and
 // score_max_layers_per_pass when ScoreParams::fp8; the checks of score_chunks are done.
 int score_fp8_max_layers_per_pass(int H);
-cudaError_t score_chunks_fp8(const ScoreParams& p, int sm_count, cudaStream_t stream);
+cudaError_t score_chunks_fp8(const ScoreParams& p, const FusedThreshold& select, int sm_count, cudaStream_t stream);
 
 }  // namespace flashmem::kernels

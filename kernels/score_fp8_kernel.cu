@@ -215,7 +215,8 @@ struct RingSlot {
 
 // Contract: see ScoreParams. Grid (G, B): block (x, b) scores the units [x*U/G, (x+1)*U/G) of
 // row b, U = ceil(N / 64). 512 threads, one block an SM.
-__global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParams p, int64_t units_per_row) {
+__global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParams p, int64_t units_per_row,
+                                                                   const FusedThreshold sel) {
   allow_dependents();
   extern __shared__ uint8_t smem_raw[];
   // Aligned up to 1024 by pointer arithmetic on smem_raw, so every access stays LDS/STS.
@@ -385,11 +386,11 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[kk][k])::"memory");
-      kept += end.write(p, tq);
+      kept += end.write_selected(p, sel, tq);
     }
-    add_kept(p, b, kept);
+    add_kept(p, sel, b, kept);
   }
-  publish_bad_chunk(p);
+  publish_bad_chunk(p, sel);
 }
 
 }  // namespace
@@ -401,7 +402,7 @@ int score_fp8_max_layers_per_pass(int H) {
   return layers;
 }
 
-cudaError_t score_chunks_fp8(const ScoreParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t score_chunks_fp8(const ScoreParams& p, const FusedThreshold& select, int sm_count, cudaStream_t stream) {
   if (p.chunks <= 0 || p.batch <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
   const int64_t units_per_row = (p.chunks + kGroupRows - 1) / kGroupRows;
   // All blocks in one wave: B rows of G blocks, G * B <= the SM count where B allows.
@@ -410,7 +411,7 @@ cudaError_t score_chunks_fp8(const ScoreParams& p, int sm_count, cudaStream_t st
   const cudaError_t err = cudaFuncSetAttribute(score_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   return launch_chained(true, score_fp8_kernel, dim3(grid_x, static_cast<unsigned>(p.batch)), dim3(kThreads), smem,
-                        stream, p, units_per_row);
+                        stream, p, units_per_row, select);
 }
 
 }  // namespace flashmem::kernels

@@ -203,15 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
   grid_dependency_wait();
   int64_t cur_b = -1;
   int cur_slot = 0;
-  unsigned kept = 0;  // this thread's kept chunks of row kept_b, with the fused selection
-  int64_t kept_b = start().b;
   for (Cursor c = start(); c.b * tiles_per_row + c.t < u_end; advance(c), cur_slot = cur_slot + 1 == S ? 0 : cur_slot + 1) {
     const int64_t u = c.b * tiles_per_row + c.t, b = c.b, n0 = c.t * kTileChunks;
-    if (b != kept_b) {  // a block's tiles may span batch rows: count each row's apart
-      add_kept(p, kept_b, kept);
-      kept = 0;
-      kept_b = b;
-    }
     const int cnt = chunks_of(c);
     const uint8_t* src = src_of(c);
     if (b != cur_b) {  // this row's query images and head weights into shared memory
@@ -282,9 +275,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_kernel(const ScoreParams p,
       }
       end.layer(p, l, v, tq);
     }
-    kept += end.write(p, tq);
+    end.write(p, tq);
   }
-  add_kept(p, kept_b, kept);
   publish_bad_chunk(p);
 }
 
@@ -298,14 +290,15 @@ int score_max_layers_per_pass(int H, int terms, bool fp8) {
   return layers;
 }
 
-cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t score_chunks(const ScoreParams& p, int sm_count, cudaStream_t stream, const FusedThreshold* select) {
   if ((p.terms != 1 && p.terms != 2) || (p.fp8 && p.terms != 1)) return cudaErrorInvalidValue;
   if (p.layer_count <= 0 || p.layer_count > score_max_layers_per_pass(p.heads, p.terms, p.fp8))
     return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(p.keys) % 4 != 0) return cudaErrorMisalignedAddress;
   if (!p.bad_chunk || (p.last_pass && (!p.bad_chunk_out || !p.blocks_done))) return cudaErrorInvalidValue;
-  if (p.keep && (!p.kept_scratch || !p.kept_count)) return cudaErrorInvalidValue;
-  if (p.fp8) return score_chunks_fp8(p, sm_count, stream);
+  if (select && (!p.fp8 || !p.last_pass || !select->keep || !select->kept_scratch || !select->kept_count))
+    return cudaErrorInvalidValue;
+  if (p.fp8) return score_chunks_fp8(p, select ? *select : FusedThreshold{}, sm_count, stream);
   const int64_t tiles_per_row = (p.chunks + kTileChunks - 1) / kTileChunks;
   const int64_t units = p.batch * tiles_per_row;
   const int grid = static_cast<int>(std::min<int64_t>(units, sm_count));

@@ -511,9 +511,9 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   }
   CHECK(dev->device_bytes() == after_first);
   MESSAGE("device bytes before first call ", before, ", after ", after_first);
-  // Scoring and selection in one graph (the threshold fused into the scoring kernel): the same
-  // results as the two calls (score_device, then the selection kernel), in both precisions; the
-  // second shape has more 256-chunk tiles than SMs, so exact-mode blocks span batch rows.
+  // Scoring and selection in one graph (fast mode: the threshold fused into the scoring kernel):
+  // the same results as the two calls (score_device, then the selection kernel), in both
+  // precisions; the second shape gives every block of the fp8 kernel many units of a row.
   RetrieverOptions fast_opt;
   fast_opt.precision = Precision::Fast;
   auto fast = make_retriever(Device::Cuda, weights, fast_opt);

@@ -457,9 +457,9 @@ class CudaRetrieverImpl final : public CudaRetriever {
     }
     if (!x.custom_gemv) FM_CUDA(kernels::finish_queries(qraw, f, stream_));  // the custom path finished in-kernel
 
-    // A threshold selection is fused into the scoring's last pass (no kernel and no pass over the
-    // scores of its own); top-k runs after it.
-    const bool fused_threshold = x.with_select && x.select.kind == SelectRule::Kind::Threshold;
+    // A threshold selection is fused into the fp8 scoring's last pass (no kernel and no pass
+    // over the scores of its own); top-k, and exact mode's selection, run after it.
+    const bool fused_threshold = x.with_select && x.select.kind == SelectRule::Kind::Threshold && fp8_;
     for (int l = x.layer0; l < x.layer0 + x.count; l += max_layers_per_pass_) {
       kernels::ScoreParams p{};
       p.keys = x.keys;
@@ -481,13 +481,9 @@ class CudaRetrieverImpl final : public CudaRetriever {
       p.bad_chunk = bad_flag_;
       p.bad_chunk_out = x.staged_bad;
       p.blocks_done = reinterpret_cast<unsigned*>(bad_flag_ + 1);
-      if (fused_threshold && p.last_pass) {
-        p.keep = const_cast<uint8_t*>(x.select.out.keep);
-        p.threshold = x.select.threshold;
-        p.kept_scratch = x.select.kept_scratch;
-        p.kept_count = const_cast<long long*>(x.select.out.kept_count);
-      }
-      FM_CUDA(kernels::score_chunks(p, sm_count_, stream_));
+      const kernels::FusedThreshold select{const_cast<uint8_t*>(x.select.out.keep), x.select.threshold,
+                                           x.select.kept_scratch, const_cast<long long*>(x.select.out.kept_count)};
+      FM_CUDA(kernels::score_chunks(p, sm_count_, stream_, fused_threshold && p.last_pass ? &select : nullptr));
     }
     if (x.with_select && !fused_threshold) enqueue_selection(x.select, B, x.N);
   }
