@@ -2,9 +2,9 @@
 // matrix, wq_b batched over layers) through cuBLAS, or at B <= 4 through our weight-streaming
 // GEMV (kernels/gemv_kernel.cu, faster at the bandwidth-bound B = 1; there wq_b and the query
 // finish are one kernel), then the kernels of kernels/ (query finish, scoring, selection). A
-// score call's stream work (projections to scoring) is one CUDA graph, captured once per shape
-// and buffer set and replayed: at B = 1 the launch overheads of its ~8 operations are a large
-// part of the call. Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS
+// score call's stream work (projections to scoring, and a threshold selection fused into fast
+// mode's scoring kernel) is one CUDA graph, captured once per shape and buffer set and replayed:
+// at B = 1 the launch overheads of its operations are a large part of the call. Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS
 // (file:line).
 #include "src/retriever/cuda_retriever.hpp"
 
