@@ -48,7 +48,7 @@
 //   finish; 64-head ping-pong halves; ordering the consumers' wgmma batches by named barriers;
 //   one FFMA a score (relu(x) = (x + |x|) / 2, |x| an FFMA operand modifier, the linear part as
 //   8 more B columns); the finish moved to the producer's idle warp; the key check done by the
-//   consumers on their key registers under the first scoring (no checker warps): 1-2 % slower.
+//   consumers on their key registers under the first scoring (no checker warps): 1-3 % slower.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
