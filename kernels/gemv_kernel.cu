@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const WT* __restr
 }
 
 // Spins until ready[l] >= count (acquire), for a block that starts before the kernel writing
-// its input ends; the block's last pass (ticket ready[gridDim.y]) re-arms the counters.
+// its input ends; the last block to get past (ticket ready[gridDim.y]) re-arms the counters.
 __device__ __forceinline__ void wait_rows_ready(unsigned* ready, unsigned count, int l) {
   if (threadIdx.x == 0) {
     unsigned seen;

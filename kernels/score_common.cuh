@@ -100,20 +100,9 @@ struct RowPairEnd {
     }
     combine(p, p.first_pass && l == 0, s);
   }
-  __device__ __forceinline__ void write(const ScoreParams& p, int tq) const {
-    if (tq != 0) return;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = r0 + 8 * half;
-      if (r >= cnt) continue;
-      float v = ens[half];
-      if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
-      p.scores[base + r] = v;
-    }
-  }
-  // write() with the fused selection (the fp8 kernel's; the exact kernel keeps the separate
-  // pass): the keep bytes beside the scores; returns how many were kept.
-  __device__ __forceinline__ unsigned write_selected(const ScoreParams& p, const FusedThreshold& sel, int tq) const {
+  // Writes the scores (the quad's thread tq == 0) and, with a fused selection (sel.keep), their
+  // keep bytes; returns how many were kept.
+  __device__ __forceinline__ unsigned write(const ScoreParams& p, int tq, const FusedThreshold& sel = {}) const {
     if (tq != 0) return 0;
     unsigned kept = 0;
 #pragma unroll

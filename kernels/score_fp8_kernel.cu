@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[kk][k])::"memory");
-      kept += end.write_selected(p, sel, tq);
+      kept += end.write(p, tq, sel);
     }
     add_kept(p, sel, b, kept);
   }

@@ -4,8 +4,8 @@
 // finish are one kernel), then the kernels of kernels/ (query finish, scoring, selection). A
 // score call's stream work (projections to scoring, and a threshold selection fused into fast
 // mode's scoring kernel) is one CUDA graph, captured once per shape and buffer set and replayed:
-// at B = 1 the launch overheads of its operations are a large part of the call. Every CUDA and cuBLAS call goes through FM_CUDA / FM_CUBLAS
-// (file:line).
+// at B = 1 the launch overheads of its operations are a large part of the call. Every CUDA and
+// cuBLAS call goes through FM_CUDA / FM_CUBLAS (file:line).
 #include "src/retriever/cuda_retriever.hpp"
 
 #include <cublas_v2.h>
