@@ -132,6 +132,26 @@ Case random_case(int64_t B, int64_t N, int64_t D, uint64_t seed, bool negative_s
   return c;
 }
 
+// A case's keys and hidden states copied to the device (freed at scope end), as device inputs.
+struct DeviceCase {
+  void* keys = nullptr;
+  void* hidden = nullptr;
+  CudaRetriever::DeviceInputs in;
+  explicit DeviceCase(const Case& c) {
+    REQUIRE(cudaMalloc(&keys, c.keys.size()) == cudaSuccess);
+    REQUIRE(cudaMalloc(&hidden, c.hidden.size() * 4) == cudaSuccess);
+    REQUIRE(cudaMemcpy(keys, c.keys.data(), c.keys.size(), cudaMemcpyHostToDevice) == cudaSuccess);
+    REQUIRE(cudaMemcpy(hidden, c.hidden.data(), c.hidden.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    in = {static_cast<const float*>(hidden), static_cast<const uint8_t*>(keys), c.B, c.N, c.positions};
+  }
+  DeviceCase(const DeviceCase&) = delete;
+  DeviceCase& operator=(const DeviceCase&) = delete;
+  ~DeviceCase() {
+    cudaFree(keys);
+    cudaFree(hidden);
+  }
+};
+
 std::shared_ptr<const RetrieverWeights> small_synthetic(int64_t D, int64_t R, int64_t H, uint64_t seed) {
   SyntheticShape shape;
   shape.hidden = D;
@@ -486,14 +506,8 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   auto* dev = dynamic_cast<CudaRetriever*>(cuda.get());
   REQUIRE(dev != nullptr);
   const Case c = random_case(3, 5001, 256, 8);  // N odd: rows are not 16-byte aligned
-  void* keys = nullptr;
-  void* hidden = nullptr;
-  REQUIRE(cudaMalloc(&keys, c.keys.size()) == cudaSuccess);
-  REQUIRE(cudaMalloc(&hidden, c.hidden.size() * 4) == cudaSuccess);
-  REQUIRE(cudaMemcpy(keys, c.keys.data(), c.keys.size(), cudaMemcpyHostToDevice) == cudaSuccess);
-  REQUIRE(cudaMemcpy(hidden, c.hidden.data(), c.hidden.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
-  CudaRetriever::DeviceInputs din{static_cast<const float*>(hidden), static_cast<const uint8_t*>(keys), c.B, c.N,
-                                  c.positions};
+  const DeviceCase on_device(c);
+  const CudaRetriever::DeviceInputs& din = on_device.in;
   const size_t before = dev->device_bytes();
   const float* d_scores = dev->score_device(din);
   std::vector<float> got(c.B * c.N);
@@ -518,15 +532,8 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
   fast_opt.precision = Precision::Fast;
   auto fast = make_retriever(Device::Cuda, weights, fast_opt);
   const Case wide = random_case(3, 50001, 256, 9);
-  void* wide_keys = nullptr;
-  void* wide_hidden = nullptr;
-  REQUIRE(cudaMalloc(&wide_keys, wide.keys.size()) == cudaSuccess);
-  REQUIRE(cudaMalloc(&wide_hidden, wide.hidden.size() * 4) == cudaSuccess);
-  REQUIRE(cudaMemcpy(wide_keys, wide.keys.data(), wide.keys.size(), cudaMemcpyHostToDevice) == cudaSuccess);
-  REQUIRE(cudaMemcpy(wide_hidden, wide.hidden.data(), wide.hidden.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
-  const CudaRetriever::DeviceInputs wide_din{static_cast<const float*>(wide_hidden),
-                                             static_cast<const uint8_t*>(wide_keys), wide.B, wide.N, wide.positions};
-  for (const CudaRetriever::DeviceInputs& in : {din, wide_din})
+  const DeviceCase wide_on_device(wide);
+  for (const CudaRetriever::DeviceInputs& in : {din, wide_on_device.in})
     for (CudaRetriever* r : {dev, dynamic_cast<CudaRetriever*>(fast.get())}) {
       for (const SelectRule& rule : {SelectRule::threshold_rule(0.5f), SelectRule::top_k_rule(77), SelectRule::threshold_rule(0.7f)}) {
         auto fetch = [&](const CudaRetriever::DeviceSelection& s, bool topk) {
@@ -549,10 +556,6 @@ TEST_CASE("cuda device-pointer entry point scores resident keys without copies")
         }
       }
     }
-  cudaFree(wide_keys);
-  cudaFree(wide_hidden);
-  cudaFree(keys);
-  cudaFree(hidden);
 }
 
 TEST_CASE("fused wq_b + query finish is bitwise the gemv + finish_queries chain") {
