@@ -407,17 +407,18 @@ class CudaRetrieverImpl final : public CudaRetriever {
     f.qfrag = x.qfrag;
     f.w_scaled = x.wsc;
     if (x.custom_gemv) {  // small batch: our weight-streaming GEMV (kernels/gemv_kernel.cu)
-      // Where wq_b's kernel normalises its own rows, it starts on each layer's rows as the gemv
-      // counts them written (rows_ready_) instead of at the gemv's end.
-      const bool handoff = kernels::project_finish_normalises(static_cast<int>(B), static_cast<int>(R_));
-      FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, x.hidden, 0, D_, static_cast<int>(B),
-                            proj, 0, P_, /*chained=*/false, stream_, handoff ? rows_ready_ : nullptr, stride_));
       // wq_b with the query finish in the same kernel, and the rmsnorm too where its rows fit in
-      // shared memory (each kernel fewer in the chain is a launch gap and a wait fewer).
+      // shared memory (each kernel fewer in the chain is a launch gap and a wait fewer). Then it
+      // reads the gemv's rows itself, so it starts on each layer as the gemv counts that layer's
+      // rows written (rows_ready_) instead of at the gemv's end.
+      const bool normalises = kernels::project_finish_normalises(static_cast<int>(B), static_cast<int>(R_));
+      unsigned* handoff = normalises ? rows_ready_ : nullptr;
+      FM_CUDA(kernels::gemv(d_wa_.as<void>(), fast_, P_, static_cast<int>(D_), 0, 1, x.hidden, 0, D_, static_cast<int>(B),
+                            proj, 0, P_, /*chained=*/false, stream_, handoff, stride_));
       const float* q_in = proj;  // layer l's row b at q_in + l * q_lstride + b * q_bstride
       int64_t q_lstride = stride_, q_bstride = P_;
       const float* q_norm = d_qnorm_.as<float>();
-      if (!kernels::project_finish_normalises(static_cast<int>(B), static_cast<int>(R_))) {  // normalised rows as input
+      if (!normalises) {  // normalised rows as input
         FM_CUDA(kernels::rmsnorm_rows(proj, P_, stride_, q_norm, L_, B, R_, a, false, stream_));
         q_in = static_cast<const float*>(a);
         q_lstride = B * R_;
@@ -425,8 +426,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
         q_norm = nullptr;
       }
       FM_CUDA(kernels::project_finish_queries(d_wb_.as<void>(), fast_, static_cast<int>(R_), static_cast<int64_t>(HD) * R_,
-                                              q_in, q_lstride, q_bstride, q_norm, f, stream_,
-                                              handoff ? rows_ready_ : nullptr, static_cast<unsigned>(stride_)));
+                                              q_in, q_lstride, q_bstride, q_norm, f, stream_, handoff,
+                                              static_cast<unsigned>(stride_)));
     } else if (!fast_) {
       const float* wa = d_wa_.as<float>();
       const float* wb = d_wb_.as<float>();
