@@ -251,27 +251,25 @@ class CudaRetrieverImpl final : public CudaRetriever {
     DeviceSelection out;
     void* scratch;
     size_t scratch_bytes;
-    unsigned* kept_scratch;  // threshold: the scoring kernel's fused selection counts here
     bool operator==(const Select& o) const {
       return kind == o.kind && threshold == o.threshold && k == o.k && out.keep == o.out.keep &&
              out.kept_count == o.out.kept_count && out.top_indices == o.out.top_indices && scratch == o.scratch &&
-             scratch_bytes == o.scratch_bytes && kept_scratch == o.kept_scratch;
+             scratch_bytes == o.scratch_bytes;
     }
   };
 
   Select prepare_selection(const SelectRule& rule, int64_t B, int64_t N) {
     if (N > INT32_MAX) fail("selection: N = ", N, " chunks is more than the device selection supports (2^31 - 1)");
-    Select s{rule.kind, rule.threshold, 0, {}, nullptr, 0, nullptr};
+    Select s{rule.kind, rule.threshold, 0, {}, nullptr, 0};
     s.out.keep = static_cast<uint8_t*>(d_keep_.reserve(B * N, "the keep mask [B, N]", &bytes_));
     s.out.kept_count = static_cast<long long*>(d_count_.reserve(B * sizeof(long long), "the kept counts", &bytes_));
     if (rule.kind == SelectRule::Kind::Threshold) {
       s.scratch_bytes = kernels::threshold_scratch_bytes(B, N);
       const bool fresh = s.scratch_bytes > d_threshold_scratch_.size_bytes();
       s.scratch = d_threshold_scratch_.reserve(s.scratch_bytes, "the threshold selection scratch", &bytes_);
-      if (fresh) FM_CUDA(cudaMemsetAsync(s.scratch, 0, s.scratch_bytes, stream_));  // then kept zero by the kernel
-      const bool fresh_counts = B * sizeof(unsigned) > d_kept_scratch_.size_bytes();
-      s.kept_scratch = static_cast<unsigned*>(d_kept_scratch_.reserve(B * sizeof(unsigned), "the fused selection's counts", &bytes_));
-      if (fresh_counts) FM_CUDA(cudaMemsetAsync(s.kept_scratch, 0, B * sizeof(unsigned), stream_));  // likewise
+      // Zeroed once, then kept zero by whichever form runs: the selection kernel, or the fused
+      // one, whose counts use its first B words (threshold_scratch_bytes >= B * 4).
+      if (fresh) FM_CUDA(cudaMemsetAsync(s.scratch, 0, s.scratch_bytes, stream_));
     } else {
       s.k = std::min(rule.top_k, N);
       s.out.top_indices = static_cast<int64_t*>(d_top_.reserve(B * s.k * sizeof(int64_t), "the top-k indices", &bytes_));
@@ -483,7 +481,8 @@ class CudaRetrieverImpl final : public CudaRetriever {
       p.bad_chunk_out = x.staged_bad;
       p.blocks_done = reinterpret_cast<unsigned*>(bad_flag_ + 1);
       const kernels::FusedThreshold select{const_cast<uint8_t*>(x.select.out.keep), x.select.threshold,
-                                           x.select.kept_scratch, const_cast<long long*>(x.select.out.kept_count)};
+                                           static_cast<unsigned*>(x.select.scratch),
+                                           const_cast<long long*>(x.select.out.kept_count)};
       FM_CUDA(kernels::score_chunks(p, sm_count_, stream_, fused_threshold && p.last_pass ? &select : nullptr));
     }
     if (x.with_select && !fused_threshold) enqueue_selection(x.select, B, x.N);
@@ -501,7 +500,7 @@ class CudaRetrieverImpl final : public CudaRetriever {
   cublasHandle_t blas_ = nullptr;
   DeviceBuffer<> workspace_, d_wa_, d_wb_, d_qnorm_;
   DeviceBuffer<> d_keys_, d_hidden_, d_xbf16_, d_proj_, d_a_, d_qraw_, d_qfrag_, d_w_, d_scores_, d_logits_,
-      d_bad_, d_ready_, d_keep_, d_count_, d_top_, d_topk_scratch_, d_threshold_scratch_, d_kept_scratch_;
+      d_bad_, d_ready_, d_keep_, d_count_, d_top_, d_topk_scratch_, d_threshold_scratch_;
   PinnedBuffer<> pinned_angles_, pinned_bad_;
   unsigned long long* bad_flag_ = nullptr;  // [0]: the flag, [1]: the scoring kernel's block counter
   unsigned* rows_ready_ = nullptr;          // [L + 1]: gemv rows written per layer, and a ticket
