@@ -58,24 +58,25 @@ namespace flashmem::kernels {
 
 namespace {
 
-constexpr int kConsumers = 3, kThreads = (1 + kConsumers) * 128;
+constexpr int kConsumers = 4, kThreads = (1 + kConsumers) * 128;
 constexpr int kStages = 12;                                  // raw units in the ring
 constexpr int kSlotBytes = kGroupRows * kChunkBytes + 16;     // a unit's 16-byte-aligned window
-constexpr int kHeadSumTileBytes = kHeadTile * 8 * 2;          // build_head_sum_tiles
+constexpr int kHeadWeightBytes = kHeadTile * 2;               // a (layer, head tile)'s f16 weights
 static_assert(kSlotBytes % 16 == 0, "bulk copies move multiples of 16 bytes to 16-byte-aligned slots");
 static_assert(kConsumers < kStages, "a consumer's next slot is at most one lap ahead");
 // Registers a thread after the hand-over (setmaxnreg): the producer needs few, the consumers hold
-// 64 accumulators, 16 key words and 32 packed head-sum operands.
-constexpr int kProducerRegs = 40, kConsumerRegs = 152;
+// 32 accumulators, 16 key words, 16 head-weight words and the head-sum chains.
+constexpr int kProducerRegs = 40, kConsumerRegs = 104;
 static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "the register file");
 
 struct SmemLayout {
-  int w, ring, bars, total;  // the queries at 0; offsets from the 1024-aligned base
+  int w, w_scale, ring, bars, total;  // the queries at 0; offsets from the 1024-aligned base
 };
 constexpr SmemLayout smem_layout(int Hp, int layers) {
   SmemLayout s{};
   s.w = layers * Hp * kHeadDim;  // a multiple of 1024 (Hp % 128 == 0)
-  s.ring = s.w + layers * (Hp / kHeadTile) * kHeadSumTileBytes;
+  s.w_scale = s.w + layers * (Hp / kHeadTile) * kHeadWeightBytes;
+  s.ring = s.w_scale + (layers * 4 + 15) / 16 * 16;
   s.bars = s.ring + kStages * kSlotBytes;
   s.total = s.bars + (2 * kStages + 1) * 8 + 1024;  // +1024: the base is aligned up to 1024
   return s;
@@ -116,78 +117,67 @@ __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 
-// d (+)= A[64 x 32] * B[32 x 128]^T, e4m3 x e4m3 -> f32: A from registers (a0..a3 of this
-// thread, the m64nNk32 8-bit fragment), B K-major in shared memory.
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+// d (+)= A[64 x 32] * B[32 x 128]^T, e4m3 x e4m3 -> f16: A from registers (a0..a3 of this
+// thread, the m64nNk32 8-bit fragment), B K-major in shared memory. d[m] holds the f16 pair of
+// row r0 + 8 (m % 2), columns 8 (m / 2) + 2 tq and the next (the f32 layout's pairs, packed).
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3_f16_rs(uint32_t (&d)[32], const uint32_t (&a)[4], uint64_t b,
+                                                             bool accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " FM_WGMMA_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
-      : FM_WGMMA_D64_OPERANDS(d)
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f16.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
+        "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),
+        "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),
+        "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
 }
 
-// K-major without swizzle: 8-row x 16-byte core matrices, 128 bytes apart along K, 256 along M/N.
-__device__ __forceinline__ uint64_t smem_desc_plain(const void* p) {
-  return ((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{128 >> 4} << 16) | (uint64_t{256 >> 4} << 32);
-}
-
-// The head sum on the tensor cores: d (+)= A[64 x 16] * B[16 x 8]^T, bf16 x bf16 -> f32, A from
-// registers (the accumulator fragment layout of the scoring wgmma), B K-major in shared memory
-// without swizzle (smem_desc_plain).
-__device__ __forceinline__ void wgmma_m64n8k16_bf16_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
-}
-// {relu(lo), relu(hi)} rounded to bf16, lo in the low half.
-__device__ __forceinline__ uint32_t relu_bf16x2(float lo, float hi) {
+// relu(x) * w + c on f16 pairs.
+__device__ __forceinline__ uint32_t relu_fma_f16x2(uint32_t x, uint32_t w, uint32_t c) {
   uint32_t r;
-  asm volatile("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  asm("{\n.reg .b32 m;\nmax.f16x2 m, %1, %4;\nfma.rn.f16x2 %0, m, %2, %3;\n}\n" : "=r"(r) : "r"(x), "r"(w), "r"(c), "r"(0u));
   return r;
 }
-
-// The head-sum B tile of one (layer l, 128-head tile): [128 heads x 8 columns] bf16, column
-// 2 (l % 4) holding the layer's weight rounded to bf16 and column 2 (l % 4) + 1 the remainder
-// (the f32 sum of the two carries ~16 bits of the weight), the other columns zero: the head
-// sums of a group of 4 layers accumulate side by side in one m64n8 accumulator.
-// Writes the tiles (l * NT + nt) of layers [0, LC) from w (LC x Hp f32) into wb, thread t of n:
-// a (layer, head) row of 8 columns at a time, its weight loaded 4 rows ahead (the loads come
-// from L2 and the consumers wait for these tiles).
-__device__ __forceinline__ void build_head_sum_tiles(const float* __restrict__ w, int LC, int Hp, __nv_bfloat16* wb, int t,
-                                                     int n) {
-  const int NT = Hp / kHeadTile, rows = LC * Hp;
-  for (int p0 = t; p0 < rows; p0 += 4 * n) {
-    float v[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = p0 + j * n < rows ? w[p0 + j * n] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int p = p0 + j * n, l = p / Hp, h = p % Hp;
-      if (p >= rows) break;
-      __nv_bfloat16* row = wb + (l * NT + h / kHeadTile) * (kHeadSumTileBytes / 2) + h % kHeadTile / 8 * 64 + h % 8;
-      const __nv_bfloat16 hi = __float2bfloat16_rn(v[j]), lo = __float2bfloat16_rn(v[j] - __bfloat162float(hi));
-#pragma unroll
-      for (int col = 0; col < 8; ++col)
-        row[col * 8] = col == 2 * (l % 4) ? hi : col == 2 * (l % 4) + 1 ? lo : __float2bfloat16_rn(0.0f);
-    }
-  }
+__device__ __forceinline__ float f16x2_sum(uint32_t x) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&x));
+  return f.x + f.y;
 }
 
-// Issues (without waiting) hs (+)= relu(d) x wt: 8 k-steps of 16 heads against the item's
-// head-sum tile wt; the scoring wgmma that produced d must be complete.
-__device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, float (&hs)[4], bool accumulate) {
-  uint32_t a[8][4];
-#pragma unroll
-  for (int s = 0; s < 8; ++s)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) a[s][i] = relu_bf16x2(d[8 * s + 2 * i], d[8 * s + 2 * i + 1]);
-  wgmma_fence();
-  const uint64_t dw = smem_desc_plain(wt);
-#pragma unroll
-  for (int s = 0; s < 8; ++s) wgmma_m64n8k16_bf16_rs(hs, a[s], desc_add(dw, s * 2 * 128), accumulate || s > 0);
-  wgmma_commit();
+// The consumers' head weights, from w (LC x Hp f32): per layer l a power of two P_l >= max_h
+// |w[l, h]| (scale[l]) and w / P_l rounded to f16 (|w / P_l| <= 1: the head sums stay in f16's
+// range). Tile (l, nt) holds, at word (j4 * 4 + tq) * 4 + e, the f16 pair of heads nt * 128 +
+// 8 j + 2 tq and the next, j = 4 j4 + e: thread tq of a quad reads its 16 words with 4 16-byte
+// loads that its warp's 4 distinct quads lanes make 64 contiguous bytes. Called by the producer
+// warpgroup (t < 128), which holds named barrier 1 meanwhile; w is the kernel before's output
+// (L2 loads).
+__device__ __forceinline__ void build_head_weights(const float* __restrict__ w, int LC, int Hp, uint32_t* tiles,
+                                                   float* scale, int t) {
+  unsigned* max_bits = reinterpret_cast<unsigned*>(scale);
+  if (t < LC) max_bits[t] = 0;
+  asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  for (int l = 0; l < LC; ++l) {
+    float m = 0.0f;
+    for (int h = t; h < Hp; h += 128) m = fmaxf(m, fabsf(__ldcg(w + l * Hp + h)));
+    const unsigned bits = __reduce_max_sync(0xffffffffu, __float_as_uint(m));  // non-negative: ordered as integers
+    if (t % 32 == 0) atomicMax(max_bits + l, bits);
+  }
+  asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  if (t < LC) {
+    int ex = 0;
+    frexpf(__uint_as_float(max_bits[t]), &ex);  // max < 2^ex (ex = 0 for max 0)
+    scale[t] = ldexpf(1.0f, ex);
+  }
+  asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  const int NT = Hp / kHeadTile, words = LC * NT * (kHeadWeightBytes / 4);
+  for (int u = t; u < words; u += 128) {
+    const int tile = u / 64, j4 = u % 64 / 16, tq = u % 16 / 4, e = u % 4;
+    const int l = tile / NT, h = tile % NT * kHeadTile + 8 * (4 * j4 + e) + 2 * tq;
+    const float inv = 1.0f / scale[l];  // a power of two: exact
+    const __half2 pair = __floats2half2_rn(__ldcg(w + l * Hp + h) * inv, __ldcg(w + l * Hp + h + 1) * inv);
+    tiles[u] = *reinterpret_cast<const uint32_t*>(&pair);
+  }
 }
 
 // Fast mode's sigmoid: ex2.approx and rcp.approx (a few ulp, far below the e4m3 rounding of the
@@ -195,12 +185,11 @@ __device__ __forceinline__ void head_sum_mma(float (&d)[64], const uint8_t* wt, 
 __device__ __forceinline__ float sigmoid_approx(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
 // Issues (without waiting) the scoring of one (layer, head tile) item: 4 k-steps of 32 bytes
-// inside the 128-byte K block of the item's queries (descriptor dq). No accumulator fence: the
-// item is issued while the previous head sum runs (a fence would make ptxas serialise, C7515).
-__device__ __forceinline__ void issue_scoring(float (&d)[64], const uint32_t (&a)[4][4], uint64_t dq) {
+// inside the 128-byte K block of the item's queries (descriptor dq).
+__device__ __forceinline__ void issue_scoring(uint32_t (&d)[32], const uint32_t (&a)[4][4], uint64_t dq) {
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k32_e4m3_rs(d, a[kk], desc_add(dq, kk * 32), kk > 0);
+  for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k32_e4m3_f16_rs(d, a[kk], desc_add(dq, kk * 32), kk > 0);
   wgmma_commit();
 }
 
@@ -276,8 +265,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       mbar_expect_tx(qfull, q_bytes);
       bulk_copy(smem, static_cast<const uint8_t*>(p.qfrag) + row_layer * Hp * kHeadDim, q_bytes, qfull);
     }
-    build_head_sum_tiles(p.w_scaled + row_layer * Hp, LC, Hp, reinterpret_cast<__nv_bfloat16*>(smem + L.w), t, 128);
-    fence_async_shared();  // the tiles, for the consumers' wgmma
+    build_head_weights(p.w_scaled + row_layer * Hp, LC, Hp, reinterpret_cast<uint32_t*>(smem + L.w),
+                       reinterpret_cast<float*>(smem + L.w_scale), t);
     mbar_arrive(qfull);
     if (t == 0)
       while (i < count) {
@@ -341,20 +330,65 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
         }
       }
 
-      // Every (layer, head tile) item: its head sum is issued with the next item's scoring. The
-      // head sums of a group of 4 layers share hs (their own columns), so the group is finished
-      // once: the quad's thread tq takes layer 4 g + tq (its columns), and the quad combines.
+      // Every (layer, head tile) item: the scoring wgmma, then its head sum on the CUDA cores
+      // (relu and fma on f16 pairs, 2 chains a row of 8 terms each, summed in f32), then the next
+      // item's scoring. Each thread sums 32 of the tile's heads; the quad's 4 sums of a group of
+      // up to 4 layers are reduce-scattered so that thread tq finishes layer 4 g + tq.
       RowPairEnd end(p, b, n0, r0, cnt, fabsf(sc_lo), fabsf(sc_hi));
-      float acc[64], hs[4];
-      const auto finish_group = [&](int group) {  // after the group's last head sum completed
-        float t[4];  // volatile reads: they stay after the wait before them
+      uint32_t acc[32];
+      const auto query = [&](int l, int nt) { return smem_desc(smem + (l * Hp + nt * kHeadTile) * kHeadDim); };
+      issue_scoring(acc, a, query(0, 0));
+      __syncwarp();  // the wgmma fence above waited for every lane's key words: the slot is free
+      if (lane == 0) mbar_arrive(&empty[at.s]);
+      at.advance(kConsumers);
+      for (int group = 0; group * 4 < LC; ++group) {
+        float part[4][2] = {};  // layer 4 group + s's head sums of rows r0, r0 + 8 (this thread's heads)
 #pragma unroll
-        for (int k = 0; k < 4; ++k) asm volatile("mov.b32 %0, %1;\n" : "=f"(t[k]) : "f"(hs[k]));
+        for (int s = 0; s < 4; ++s) {
+          const int l = group * 4 + s;
+          if (l >= LC) break;
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4* wt = reinterpret_cast<const uint4*>(smem + L.w + (l * NT + nt) * kHeadWeightBytes) + tq;
+            uint32_t wv[16];
+#pragma unroll
+            for (int j4 = 0; j4 < 4; ++j4) *reinterpret_cast<uint4*>(wv + 4 * j4) = wt[4 * j4];
+            wgmma_wait<0>();
+            uint32_t c[2][2] = {};
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+              for (int half = 0; half < 2; ++half) c[half][j % 2] = relu_fma_f16x2(acc[2 * j + half], wv[j], c[half][j % 2]);
+            if (nt + 1 < NT) issue_scoring(acc, a, query(l, nt + 1));
+            else if (l + 1 < LC) issue_scoring(acc, a, query(l + 1, 0));
+#pragma unroll
+            for (int half = 0; half < 2; ++half) part[s][half] += f16x2_sum(c[half][0]) + f16x2_sum(c[half][1]);
+          }
+        }
+        // Reduce-scatter over the quad: after the xor-2 step thread tq holds slots 2 (tq / 2) + i,
+        // after the xor-1 step slot tq, both rows.
+        const bool b1 = tq & 2, b0 = tq & 1;
+        float kept2[2][2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float send = b1 ? part[i][half] : part[2 + i][half];
+            const float mine = b1 ? part[2 + i][half] : part[i][half];
+            kept2[i][half] = mine + __shfl_xor_sync(0xffffffffu, send, 2);
+          }
+        float total[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float send = b0 ? kept2[0][half] : kept2[1][half];
+          const float mine = b0 ? kept2[1][half] : kept2[0][half];
+          total[half] = mine + __shfl_xor_sync(0xffffffffu, send, 1);
+        }
         const int l = group * 4 + tq;
+        const float w_scale = l < LC ? reinterpret_cast<const float*>(smem + L.w_scale)[l] : 0.0f;
         float sg[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float logit = (t[2 * half] + t[2 * half + 1]) * end.sc[half];
+          const float logit = total[half] * w_scale * end.sc[half];
           sg[half] = l < LC ? sigmoid_approx(logit) : p.ensemble_mean ? 0.0f : -INFINITY;
           if (l < LC) end.store_logit(p, l, half, logit);
           for (int o = 1; o < 4; o *= 2) {
@@ -363,26 +397,8 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
           }
         }
         end.combine(p, p.first_pass && group == 0, sg);
-      };
-      const auto query = [&](int l, int nt) { return smem_desc(smem + (l * Hp + nt * kHeadTile) * kHeadDim); };
-      issue_scoring(acc, a, query(0, 0));
-      __syncwarp();  // the wgmma fence above waited for every lane's key words: the slot is free
-      if (lane == 0) mbar_arrive(&empty[at.s]);
-      at.advance(kConsumers);
-      struct Item {  // (layer, head tile), walked in order without a division by NT
-        int l, nt;
-      };
-      const auto next = [&](Item it) { return it.nt + 1 == NT ? Item{it.l + 1, 0} : Item{it.l, it.nt + 1}; };
-      for (Item it{0, 0}; it.l < LC; it = next(it)) {
-        const Item nx = next(it);
-        const bool group_start = it.l % 4 == 0 && it.nt == 0;
-        wgmma_wait<0>();  // this item's scoring, and the previous item's head sum
-        if (group_start && it.l > 0) finish_group(it.l / 4 - 1);
-        head_sum_mma(acc, smem + L.w + (it.l * NT + it.nt) * kHeadSumTileBytes, hs, !group_start);
-        if (nx.l < LC) issue_scoring(acc, a, query(nx.l, nx.nt));
       }
-      wgmma_wait<0>();
-      finish_group((LC - 1) / 4);
+      wgmma_wait<0>();  // none in flight (the last item issues no scoring): for ptxas, which cannot tell
       // The key fragments stay allocated until every wgmma that reads them has completed.
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
