@@ -28,8 +28,8 @@ __host__ __device__ inline int padded_heads(int H) { return (H + kHeadTile - 1) 
 // score_kernel.cu). The head weight
 // fused_w[h] * 2^-e_h is stored beside it in w_scaled [B, L, Hp]. Padded slots must be zero
 // (the caller zeroes both buffers when Hp != H).
-// fp8 (fast mode): one e4m3 term instead, the head scaled by 2^e_h so that its largest |value|
-// lies in [2^7, 2^8) (inside e4m3's 448), stored as [head Hp][128 bytes] in the scoring
+// fp8 (fast mode): one e4m3 term instead, the head scaled by 2^e_h so that the sum of its
+// |values| lies in [4, 8) (the scoring accumulates in f16), stored as [head Hp][128 bytes] in the scoring
 // kernel's K order (a permutation of the 32 four-byte words, query_finish.cuh), the 16-byte
 // chunk c of head h at position c ^ (h % 8); the keys' e4m3 bytes are the A operand as they are.
 inline int64_t query_fragment_bytes(int H, int terms, bool fp8) {

@@ -1,7 +1,7 @@
 // Device pieces shared by the two scoring kernels (SPEC 4): score_kernel.cu (exact mode and
 // fp16 fast scoring: both operands in shared memory, 4 decoupled warpgroups) and
 // score_fp8_kernel.cu (fast mode: e4m3 keys as register operands, a producer warpgroup and
-// three consumers). Hopper-only (sm_90a): wgmma, mbarriers, bulk copies, setmaxnreg.
+// four consumers). Hopper-only (sm_90a): wgmma, mbarriers, bulk copies.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -4,24 +4,23 @@
 //
 //   logit[l, b, n] = sum_h relu(s_bn * (q[b, l, h, :] . k8[b, n, :])) * w[b, l, h]
 //
-// Chunks are M, heads N, the 128 key dims K: wgmma m64n128k32 e4m3 x e4m3 -> f32 with the keys
+// Chunks are M, heads N, the 128 key dims K: wgmma m64n128k32 e4m3 x e4m3 -> f16 with the keys
 // as the register operand A and the layer's queries ([Hp][128 bytes], 128-byte swizzle) as B in
-// shared memory; then relu(d) packed to bf16 is the register operand of a second wgmma
-// (m64n8k16) against the head weights (the head sum on the tensor cores).
+// shared memory; then the head sum on the CUDA cores, relu and fma on f16 pairs of the
+// accumulators (two packed instructions per two heads).
 //
-// A block is one producer warpgroup and three consumer warpgroups (warp specialisation):
+// A block is one producer warpgroup and four consumer warpgroups (warp specialisation):
 // - the producer's thread 0 moves each 64-chunk unit's raw rows (132 bytes each, as the caller
 //   stores them) into a ring of kStages slots with one bulk copy (cp.async.bulk, the TMA engine)
 //   that signals the slot's `full` mbarrier; its warps 2 and 3 check every unit for NaN bytes and
 //   non-finite scales (a row a thread) before they too release the slot; the whole warpgroup
-//   stages the row's queries (one bulk copy) and builds the head-sum tiles once, and gives most
-//   of its registers to the consumers (setmaxnreg);
-// - consumer c takes units c, c + 3, ...: it reads its key fragments straight from the raw slot
+//   stages the row's queries (one bulk copy) and builds the f16 head-weight tiles once;
+// - consumer c takes units c, c + 4, ...: it reads its key fragments straight from the raw slot
 //   into registers, releases the slot (`empty`), and runs every (layer, head tile) item: the
-//   scoring wgmma, relu/pack, the head-sum wgmma issued with the next item's scoring; a group of
-//   up to 4 layers is finished once a unit (sigmoid and the max/mean ensemble in registers).
-//   Only [B, N] scores (and per-layer logits on request) reach device memory; with a fused
-//   threshold selection (FusedThreshold), also the keep bytes and the per-row counts.
+//   scoring wgmma, its head sum, the next item's scoring; a group of up to 4 layers is finished
+//   once a unit (quad reduce-scatter, sigmoid and the max/mean ensemble in registers). Only
+//   [B, N] scores (and per-layer logits on request) reach device memory; with a fused threshold
+//   selection (FusedThreshold), also the keep bytes and the per-row counts.
 //
 // NOTES:
 // - No relayout of the keys: the K order of the matmul is a permutation of the key bytes,
@@ -35,20 +34,22 @@
 // - The chunk scale is applied after the dot product: relu(s*d) = |s| * relu(sign(s)*d); the
 //   fragments of a row with a negative scale get their sign bits flipped (skipped by the warp
 //   when no row of it has one). Per-head 2^-e_h is folded into w (exact power-of-two scaling).
+// - f16 cannot overflow: the query finish scales each head so that sum |q| < 8 (+1/16 for the
+//   e4m3 rounding), so every partial dot product with e4m3 keys (|k| <= 448) stays below 2^12;
+//   the head weights are w / P_l with P_l the power of two above the layer's max |w|, so a chain
+//   of 8 relu * w terms stays below 2^15. Each chain ends in f32 (the quad and layer sums).
+// - Why f16 accumulators and a CUDA-core head sum (session 11): the earlier design (f32
+//   accumulators, relu packed to bf16, the head sum as 8 wgmma m64n8k16 an item, 3 consumers)
+//   spent ~50 us at N 1M on those tiny wgmma, which hold the tensor pipe far beyond their FLOPs;
+//   its every variant (bench/RESULTS.md, sessions 3-10) stayed at 0.21 ms. With f16
+//   accumulators an item is 32 accumulator registers, so the head sum is 64 packed ALU/FMA
+//   instructions a thread and four consumers fit (96 registers): a microbenchmark of the chain
+//   runs at the tensor pipe's peak, and fast B 1 N 1M went from 0.212-0.215 to 0.201-0.207 ms.
+//   Tried with it and not kept (within the spread): 2, 4 or 8 chains a row; 8 or 16 ring slots;
+//   the next unit's first scoring issued before the unit's finish; the head weights staged by
+//   one batch of loads; setmaxnreg (the 96 registers fit every warp).
 // - A grid row per batch row (gridDim.y = B, blockIdx.x splits the row's units), so a block's
 //   queries are staged once.
-// - Why the head sum is 8 wgmma m64n8k16 an item: fast B 1 N 1M takes 0.21 ms of graph device
-//   time with it and 0.16 without; the tiny wgmma hold the tensor pipe far beyond their FLOPs.
-//   A microbenchmark of this design at this size (the consumers' chain, ring, key loads,
-//   finish) lands within ~10 % of the kernel, so the cost belongs to the design. Measured and
-//   no better (numbers in bench/RESULTS.md, sessions 3-9): the head sum by mma.sync, on the
-//   fp32 pipes, as bf16x2 fma or an add tree on the CUDA cores, or as e4m3 k32 wgmma; 2 or 4
-//   head-sum accumulators; 2 consumers with two accumulator sets or 4 consumers (ptxas
-//   serialises the wgmma, C7514 / C7512); the next scoring issued before the head sum or the
-//   finish; 64-head ping-pong halves; ordering the consumers' wgmma batches by named barriers;
-//   one FFMA a score (relu(x) = (x + |x|) / 2, |x| an FFMA operand modifier, the linear part as
-//   8 more B columns); the finish moved to the producer's idle warp; the key check done by the
-//   consumers on their key registers under the first scoring (no checker warps): 1-3 % slower.
 #include <algorithm>
 
 #include "kernels/pdl.cuh"
@@ -64,10 +65,6 @@ constexpr int kSlotBytes = kGroupRows * kChunkBytes + 16;     // a unit's 16-byt
 constexpr int kHeadWeightBytes = kHeadTile * 2;               // a (layer, head tile)'s f16 weights
 static_assert(kSlotBytes % 16 == 0, "bulk copies move multiples of 16 bytes to 16-byte-aligned slots");
 static_assert(kConsumers < kStages, "a consumer's next slot is at most one lap ahead");
-// Registers a thread after the hand-over (setmaxnreg): the producer needs few, the consumers hold
-// 32 accumulators, 16 key words, 16 head-weight words and the head-sum chains.
-constexpr int kProducerRegs = 40, kConsumerRegs = 104;
-static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "the register file");
 
 struct SmemLayout {
   int w, w_scale, ring, bars, total;  // the queries at 0; offsets from the 1024-aligned base
@@ -112,11 +109,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 }
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
-
 // d (+)= A[64 x 32] * B[32 x 128]^T, e4m3 x e4m3 -> f16: A from registers (a0..a3 of this
 // thread, the m64nNk32 8-bit fragment), B K-major in shared memory. d[m] holds the f16 pair of
 // row r0 + 8 (m % 2), columns 8 (m / 2) + 2 tq and the next (the f32 layout's pairs, packed).
@@ -205,7 +197,7 @@ struct RingSlot {
 };
 
 // Contract: see ScoreParams. Grid (G, B): block (x, b) scores the units [x*U/G, (x+1)*U/G) of
-// row b, U = ceil(N / 64). 512 threads, one block an SM.
+// row b, U = ceil(N / 64). kThreads threads, one block an SM.
 __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParams p, int64_t units_per_row,
                                                                    const FusedThreshold sel) {
   allow_dependents();
@@ -235,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       mbar_init(&full[s], 1);   // the producer's arrive (with the copy's bytes)
       mbar_init(&empty[s], 4 + 2);  // one arrive per warp of the consumer and of the checkers
     }
-    mbar_init(qfull, 128);  // the producer warpgroup, after the head-sum tiles
+    mbar_init(qfull, 128);  // the producer warpgroup, after the head weights
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     fence_async_shared();
   }
@@ -243,7 +235,6 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
-    setmaxnreg_dec<kProducerRegs>();
     const int t = threadIdx.x;
     int i = 0;
     RingSlot at;  // unit i's
@@ -293,7 +284,6 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       }
     }
   } else {
-    setmaxnreg_inc<kConsumerRegs>();
     const int wt = threadIdx.x % 128, warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int r0 = warp * 16 + g;  // this thread's rows r0, r0 + 8 of a unit
     grid_dependency_wait();        // earlier passes' scores

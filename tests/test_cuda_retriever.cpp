@@ -39,6 +39,7 @@
 
 #include "kernels/retriever_kernels.hpp"
 #include "src/numerics/bf16.hpp"
+#include "src/numerics/fp8.hpp"
 #include "src/retriever/cuda_retriever.hpp"
 
 using namespace flashmem;
@@ -395,6 +396,48 @@ TEST_CASE("cuda fast mode on ragged shapes agrees with exact mode") {
   };
   sweep_random_cases(5, 2000, {1, 63, 1237, 100003}, {1, 3}, all, check);
   MESSAGE("fast vs exact on ragged shapes: max |d score| ", worst);
+}
+
+TEST_CASE("cuda fast mode on full-range e4m3 keys agrees with exact mode") {
+  // The mock keys are small e4m3 values (|k| ~ 0.5); a real quantiser maps each chunk's
+  // largest |value| to e4m3's 448 and keeps amax / 448 as the scale. Fast mode accumulates the
+  // dot products in f16 (score_fp8_kernel.cu), which holds only because the queries are scaled
+  // by their L1 norm: with full-range keys any larger query scale overflows f16 (inf, then
+  // NaN scores). Same chunks as real values, re-encoded at full range, plus two chunks of
+  // 448s and -448s; same bound as the ragged shapes (|d score| <= 0.25).
+  auto weights = std::make_shared<const RetrieverWeights>(synthetic_retriever(7));
+  Case c = random_case(2, 8192, weights->hidden, 31);
+  for (int64_t i = 0; i < c.B * c.N; ++i) {
+    uint8_t* chunk = c.keys.data() + i * 132;
+    float s;
+    std::memcpy(&s, chunk + 128, 4);
+    float real[128], amax = 0.0f;
+    for (int d = 0; d < 128; ++d) {
+      real[d] = fp8_e4m3fn_decode(chunk[d]) * std::abs(s);
+      amax = std::max(amax, std::abs(real[d]));
+    }
+    const float full = amax / 448.0f;
+    for (int d = 0; d < 128; ++d) chunk[d] = fp8_e4m3fn_encode(real[d] / full);
+    if (i == 5 || i == 9000) std::memset(chunk, i == 5 ? 0x7E : 0xFE, 128);  // +-448 everywhere
+    const float scale = std::copysign(i == 5 || i == 9000 ? 1e-3f : full, s);
+    std::memcpy(chunk + 128, &scale, 4);
+  }
+  int64_t full_range = 0;
+  for (int64_t i = 0; i < c.B * c.N; ++i) full_range += (c.keys[i * 132] & 0x78) >= 0x58;  // |k| >= 16
+  CHECK(full_range > c.B * c.N / 2);
+  RetrieverOptions opt;
+  auto exact = make_retriever(Device::Cuda, weights, opt);
+  opt.precision = Precision::Fast;
+  auto fast = make_retriever(Device::Cuda, weights, opt);
+  const Scores se = exact->score(c.inputs()), sf = fast->score(c.inputs());
+  CHECK(std::all_of(sf.ensemble.begin(), sf.ensemble.end(), [](float v) { return std::isfinite(v); }));
+  const double d = max_abs_diff(sf.ensemble, se.ensemble);
+  int64_t same = 0;
+  for (int64_t i = 0; i < c.B * c.N; ++i) same += (sf.ensemble[i] > 0.5f) == (se.ensemble[i] > 0.5f);
+  MESSAGE("full-range keys, fast vs exact: max |d score| ", d, ", identical decisions at t = 0.5 ",
+          static_cast<double>(same) / (c.B * c.N));
+  CHECK(d <= 0.25);
+  CHECK(static_cast<double>(same) / (c.B * c.N) >= 0.98);
 }
 
 TEST_CASE("cuda top-k breaks ties to the lower index, as the cpu") {
