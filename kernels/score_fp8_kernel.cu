@@ -141,25 +141,18 @@ __device__ __forceinline__ float f16x2_sum(uint32_t x) {
 // |w[l, h]| (scale[l]) and w / P_l rounded to f16 (|w / P_l| <= 1: the head sums stay in f16's
 // range). Tile (l, nt) holds, at word (j4 * 4 + tq) * 4 + e, the f16 pair of heads nt * 128 +
 // 8 j + 2 tq and the next, j = 4 j4 + e: thread tq of a quad reads its 16 words with 4 16-byte
-// loads that its warp's 4 distinct quads lanes make 64 contiguous bytes. Called by the producer
+// loads that its warp's 4 distinct quad lanes make 64 contiguous bytes. Called by the producer
 // warpgroup (t < 128), which holds named barrier 1 meanwhile; w is the kernel before's output
 // (L2 loads).
 __device__ __forceinline__ void build_head_weights(const float* __restrict__ w, int LC, int Hp, uint32_t* tiles,
                                                    float* scale, int t) {
-  unsigned* max_bits = reinterpret_cast<unsigned*>(scale);
-  if (t < LC) max_bits[t] = 0;
-  asm volatile("bar.sync 1, 128;\n" ::: "memory");
-  for (int l = 0; l < LC; ++l) {
+  for (int l = t / 32; l < LC; l += 4) {  // a warp a layer
     float m = 0.0f;
-    for (int h = t; h < Hp; h += 128) m = fmaxf(m, fabsf(__ldcg(w + l * Hp + h)));
+    for (int h = t % 32; h < Hp; h += 32) m = fmaxf(m, fabsf(__ldcg(w + l * Hp + h)));
     const unsigned bits = __reduce_max_sync(0xffffffffu, __float_as_uint(m));  // non-negative: ordered as integers
-    if (t % 32 == 0) atomicMax(max_bits + l, bits);
-  }
-  asm volatile("bar.sync 1, 128;\n" ::: "memory");
-  if (t < LC) {
     int ex = 0;
-    frexpf(__uint_as_float(max_bits[t]), &ex);  // max < 2^ex (ex = 0 for max 0)
-    scale[t] = ldexpf(1.0f, ex);
+    frexpf(__uint_as_float(bits), &ex);  // max < 2^ex (ex = 0 for max 0)
+    if (t % 32 == 0) scale[l] = ldexpf(1.0f, ex);
   }
   asm volatile("bar.sync 1, 128;\n" ::: "memory");
   const int NT = Hp / kHeadTile, words = LC * NT * (kHeadWeightBytes / 4);
@@ -354,23 +347,23 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
             for (int half = 0; half < 2; ++half) part[s][half] += f16x2_sum(c[half][0]) + f16x2_sum(c[half][1]);
           }
         }
-        // Reduce-scatter over the quad: after the xor-2 step thread tq holds slots 2 (tq / 2) + i,
+        // Reduce-scatter over the quad: after the xor-2 step thread tq holds slots 2 (tq / 2) + j,
         // after the xor-1 step slot tq, both rows.
         const bool b1 = tq & 2, b0 = tq & 1;
-        float kept2[2][2];
+        float pair_sums[2][2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const float send = b1 ? part[i][half] : part[2 + i][half];
-            const float mine = b1 ? part[2 + i][half] : part[i][half];
-            kept2[i][half] = mine + __shfl_xor_sync(0xffffffffu, send, 2);
+            const float send = b1 ? part[j][half] : part[2 + j][half];
+            const float mine = b1 ? part[2 + j][half] : part[j][half];
+            pair_sums[j][half] = mine + __shfl_xor_sync(0xffffffffu, send, 2);
           }
         float total[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float send = b0 ? kept2[0][half] : kept2[1][half];
-          const float mine = b0 ? kept2[1][half] : kept2[0][half];
+          const float send = b0 ? pair_sums[0][half] : pair_sums[1][half];
+          const float mine = b0 ? pair_sums[1][half] : pair_sums[0][half];
           total[half] = mine + __shfl_xor_sync(0xffffffffu, send, 1);
         }
         const int l = group * 4 + tq;

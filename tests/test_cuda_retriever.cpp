@@ -418,8 +418,9 @@ TEST_CASE("cuda fast mode on full-range e4m3 keys agrees with exact mode") {
     }
     const float full = amax / 448.0f;
     for (int d = 0; d < 128; ++d) chunk[d] = fp8_e4m3fn_encode(real[d] / full);
-    if (i == 5 || i == 9000) std::memset(chunk, i == 5 ? 0x7E : 0xFE, 128);  // +-448 everywhere
-    const float scale = std::copysign(i == 5 || i == 9000 ? 1e-3f : full, s);
+    const bool extreme = i == 5 || i == 9000;
+    if (extreme) std::memset(chunk, i == 5 ? 0x7E : 0xFE, 128);  // +-448 everywhere
+    const float scale = std::copysign(extreme ? 1e-3f : full, s);
     std::memcpy(chunk + 128, &scale, 4);
   }
   int64_t full_range = 0;
