@@ -12,17 +12,23 @@
 // A block is one producer warpgroup and four consumer warpgroups (warp specialisation):
 // - the producer's thread 0 moves each 64-chunk unit's raw rows (132 bytes each, as the caller
 //   stores them) into a ring of kStages slots with one bulk copy (cp.async.bulk, the TMA engine)
-//   that signals the slot's `full` mbarrier; its warps 2 and 3 check every unit for NaN bytes and
-//   non-finite scales (a row a thread) before they too release the slot; the whole warpgroup
-//   stages the row's queries (one bulk copy) and builds the f16 head-weight tiles once;
+//   that signals the slot's `full` mbarrier; the whole warpgroup stages the row's queries (one
+//   bulk copy) and builds the f16 head-weight tiles once;
 // - consumer c takes units c, c + 4, ...: it reads its key fragments straight from the raw slot
 //   into registers, releases the slot (`empty`), and runs every (layer, head tile) item: the
 //   scoring wgmma, its head sum, the next item's scoring; a group of up to 4 layers is finished
-//   once a unit (quad reduce-scatter, sigmoid and the max/mean ensemble in registers). Only
+//   once a unit (quad reduce-scatter, sigmoid and the max/mean ensemble in registers), and a row
+//   whose score is NaN or whose scale is not finite is flagged as a bad chunk. Only
 //   [B, N] scores (and per-layer logits on request) reach device memory; with a fused threshold
 //   selection (FusedThreshold), also the keep bytes and the per-row counts.
 //
 // NOTES:
+// - The key check costs no pass of its own: an e4m3 NaN byte makes every head's dot product of
+//   its row NaN, which the head sum carries (max.NaN keeps a NaN where relu's max would drop it;
+//   NaN * 0 is NaN, so padded heads and zero scales carry it too) into every layer's logit and
+//   the ensemble (max.NaN: fmaxf would drop it); no finite input reaches inf or NaN (the range
+//   bound below). Two producer warps that read every
+//   row of the ring for NaN bytes instead cost ~2 us at B 1, N 1M and 4 % at B 8 (session 12).
 // - No relayout of the keys: the K order of the matmul is a permutation of the key bytes,
 //   chosen so that thread tq of a quad holds the 32 contiguous bytes tq*32 .. tq*32+31 of its
 //   rows (words j = 2 kk + hh feed k-step kk, register half hh of the A fragment); the query
@@ -126,10 +132,16 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3_f16_rs(uint32_t (&d)[32], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));
 }
 
-// relu(x) * w + c on f16 pairs.
+// relu(x) * w + c on f16 pairs; a NaN x gives NaN (the key check).
 __device__ __forceinline__ uint32_t relu_fma_f16x2(uint32_t x, uint32_t w, uint32_t c) {
   uint32_t r;
-  asm("{\n.reg .b32 m;\nmax.f16x2 m, %1, %4;\nfma.rn.f16x2 %0, m, %2, %3;\n}\n" : "=r"(r) : "r"(x), "r"(w), "r"(c), "r"(0u));
+  asm("{\n.reg .b32 m;\nmax.NaN.f16x2 m, %1, %4;\nfma.rn.f16x2 %0, m, %2, %3;\n}\n" : "=r"(r) : "r"(x), "r"(w), "r"(c), "r"(0u));
+  return r;
+}
+// max that keeps a NaN (fmaxf drops it): the ensemble of a NaN row stays NaN.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
   return r;
 }
 __device__ __forceinline__ float f16x2_sum(uint32_t x) {
@@ -218,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);   // the producer's arrive (with the copy's bytes)
-      mbar_init(&empty[s], 4 + 2);  // one arrive per warp of the consumer and of the checkers
+      mbar_init(&empty[s], 4);  // one arrive per warp of the consumer
     }
     mbar_init(qfull, 128);  // the producer warpgroup, after the head weights
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -257,25 +269,6 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
         mbar_wait(&empty[at.s], at.lap ^ 1);  // the consumer of the slot's previous unit is done with it
         issue();
       }
-    if (t >= 64) {  // warps 2 and 3 check the keys, thread t - 64 a row of each unit
-      const int r = t - 64, lane = t % 32;
-      RingSlot check;
-      for (i = 0; i < count; ++i, check.advance(1)) {
-        mbar_wait(&full[check.s], check.lap);
-        if (r < unit_rows(i)) {
-          const uint8_t* raw = slot_rows(check.s, i) + r * kChunkBytes;
-          const uint32_t* words = reinterpret_cast<const uint32_t*>(raw);  // row r: bank r + j
-          uint32_t nan = 0;
-#pragma unroll
-          for (int j = 0; j < kHeadDim / 4; ++j) nan |= nan_bytes(words[j]);
-          const float scale = *reinterpret_cast<const float*>(raw + kHeadDim);
-          if ((nan & kByteTops) != 0 || !isfinite(scale))
-            atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + unit_n0(i) + r));
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[check.s]);
-      }
-    }
   } else {
     const int wt = threadIdx.x % 128, warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
     const int r0 = warp * 16 + g;  // this thread's rows r0, r0 + 8 of a unit
@@ -376,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
           if (l < LC) end.store_logit(p, l, half, logit);
           for (int o = 1; o < 4; o *= 2) {
             const float other = __shfl_xor_sync(0xffffffffu, sg[half], o);
-            sg[half] = p.ensemble_mean ? sg[half] + other : fmaxf(sg[half], other);
+            sg[half] = p.ensemble_mean ? sg[half] + other : max_nan(sg[half], other);
           }
         }
         end.combine(p, p.first_pass && group == 0, sg);
@@ -387,6 +380,13 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[kk][k])::"memory");
+      if (tq == 0)  // the key check: a NaN score (see NOTES) or a non-finite scale
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = r0 + 8 * half;
+          if (r < cnt && (isnan(end.ens[half]) || !isfinite(end.sc[half])))
+            atomicMin(p.bad_chunk, static_cast<unsigned long long>(b * N + n0 + r));
+        }
       kept += end.write(p, tq, sel);
     }
     add_kept(p, sel, b, kept);
