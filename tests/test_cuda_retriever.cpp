@@ -398,6 +398,33 @@ TEST_CASE("cuda fast mode on ragged shapes agrees with exact mode") {
   MESSAGE("fast vs exact on ragged shapes: max |d score| ", worst);
 }
 
+TEST_CASE("cuda fast mode with two head tiles agrees with the cpu backend") {
+  // H = 200 pads to two 128-head tiles: the fp8 kernel's general path (one tile has its own
+  // instantiation). Exact mode's two fp16 terms of 256 heads do not fit its shared memory, so
+  // the CPU backend is the reference; bound |d score| <= 0.25 as for the ragged shapes (the fp8
+  // rounding of the queries), while a wrong tile's weights or queries give unrelated scores.
+  auto weights = small_synthetic(256, 128, 200, 9);
+  double worst = 0;
+  for (int64_t N : {63, 1237})
+    for (int64_t B : {1, 3})
+      for (Ensemble ens : {Ensemble::Max, Ensemble::Mean}) {
+        CAPTURE(N);
+        CAPTURE(B);
+        CAPTURE(static_cast<int>(ens));
+        const Case c = random_case(B, N, 256, 3000 + N + B);
+        RetrieverOptions opt;
+        opt.max_position = 1048576;
+        opt.ensemble = ens;
+        const Scores want = make_retriever(Device::Cpu, weights, opt)->score(c.inputs());
+        opt.precision = Precision::Fast;
+        const Scores got = make_retriever(Device::Cuda, weights, opt)->score(c.inputs());
+        const double d = max_abs_diff(got.ensemble, want.ensemble);
+        worst = std::max(worst, d);
+        CHECK(d <= 0.25);
+      }
+  MESSAGE("fast at H = 200 (two head tiles) vs cpu: max |d score| ", worst);
+}
+
 TEST_CASE("cuda fast mode on full-range e4m3 keys agrees with exact mode") {
   // The mock keys are small e4m3 values (|k| ~ 0.5); a real quantiser maps each chunk's
   // largest |value| to e4m3's 448 and keeps amax / 448 as the scale. Fast mode accumulates the
