@@ -59,68 +59,6 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 
 __device__ __forceinline__ float sigmoid(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x))); }
 
-// The per-thread end of a wgmma M tile: rows r0 and r0 + 8 (r0 = 16 * warp + lane / 4 of the
-// tile whose row 0 is chunk n0 of batch row b; cnt valid rows), each layer's logit = head sum *
-// |scale|, its sigmoid folded into the max/mean ensemble, then the score written.
-struct RowPairEnd {
-  int64_t base;  // b * N + n0: flat index of the tile's row 0
-  int r0, cnt;
-  float sc[2], ens[2];
-
-  __device__ __forceinline__ RowPairEnd(const ScoreParams& p, int64_t b, int64_t n0, int r0_, int cnt_, float s0, float s1)
-      : base(b * p.chunks + n0), r0(r0_), cnt(cnt_), sc{s0, s1} {
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-      ens[half] = (!p.first_pass && r0 + 8 * half < cnt) ? p.scores[base + r0 + 8 * half] : 0.0f;
-  }
-  // Folds s (sigmoids, or their sum over a group of layers) into the ensemble; first: the
-  // first layers of the first pass.
-  __device__ __forceinline__ void combine(const ScoreParams& p, bool first, const float (&s)[2]) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      if (first) ens[half] = s[half];
-      else if (p.ensemble_mean) ens[half] = __fadd_rn(ens[half], s[half]);
-      else ens[half] = fmaxf(ens[half], s[half]);
-    }
-  }
-  // Layer l's (of this pass) logit of row r0 + 8 * half, when asked for.
-  __device__ __forceinline__ void store_logit(const ScoreParams& p, int l, int half, float logit) const {
-    const int r = r0 + 8 * half;
-    if (p.layer_logits && r < cnt) p.layer_logits[(static_cast<int64_t>(p.layer0 + l) * p.batch) * p.chunks + base + r] = logit;
-  }
-  // v: layer l's (of this pass) head sums of rows r0, r0 + 8; the quad's thread tq == 0 writes
-  // the logits when asked.
-  __device__ __forceinline__ void layer(const ScoreParams& p, int l, const float (&v)[2], int tq) {
-    float s[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float logit = v[half] * sc[half];
-      s[half] = sigmoid(logit);
-      if (tq == 0) store_logit(p, l, half, logit);
-    }
-    combine(p, p.first_pass && l == 0, s);
-  }
-  // Writes the scores (the quad's thread tq == 0) and, with a fused selection (sel.keep), their
-  // keep bytes; returns how many were kept.
-  __device__ __forceinline__ unsigned write(const ScoreParams& p, int tq, const FusedThreshold& sel = {}) const {
-    if (tq != 0) return 0;
-    unsigned kept = 0;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = r0 + 8 * half;
-      if (r >= cnt) continue;
-      float v = ens[half];
-      if (p.last_pass && p.ensemble_mean) v = __fdiv_rn(v, static_cast<float>(p.total_layers));
-      p.scores[base + r] = v;
-      if (sel.keep && p.last_pass) {
-        sel.keep[base + r] = v > sel.threshold;
-        kept += v > sel.threshold;
-      }
-    }
-    return kept;
-  }
-};
-
 // Adds a warp's kept counts of batch row b to the grid's (every lane of the warp calls this).
 __device__ __forceinline__ void add_kept(const ScoreParams& p, const FusedThreshold& sel, int64_t b, unsigned kept) {
   kept = __reduce_add_sync(0xffffffffu, kept);
