@@ -241,10 +241,11 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
   const auto unit_n0 = [&](int i) { return (t_begin + i) * kGroupRows; };
   const auto unit_src = [&](int i) { return p.keys + (b * N + unit_n0(i)) * kChunkBytes; };
   const auto unit_rows = [&](int i) { return static_cast<int>(N - unit_n0(i) < kGroupRows ? N - unit_n0(i) : kGroupRows); };
-  // Row 0 of unit i in ring slot s: the slot holds the 16-byte-aligned window around its rows.
-  const auto slot_rows = [&](int s, int i) {
-    return ring + s * kSlotBytes + (reinterpret_cast<uintptr_t>(unit_src(i)) & 15);
-  };
+  // Row 0 of a unit in ring slot s: the slot holds the 16-byte-aligned window around its rows,
+  // which start at the same offset in every unit of the block (a unit is 64 x 132 = 528 x 16 bytes).
+  static_assert(kGroupRows * kChunkBytes % 16 == 0, "units keep their rows' 16-byte offset");
+  const int row0_offset = static_cast<int>(reinterpret_cast<uintptr_t>(unit_src(0)) & 15);
+  const auto slot_rows = [&](int s) { return ring + s * kSlotBytes + row0_offset; };
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -339,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
     for (int i = wg - 1; i < count; i += kConsumers) {
       mbar_wait(&full[at.s], at.lap);
       // Key fragments: words tq*8 + j of rows r0 (a0, a2) and r0 + 8 (a1, a3), j = 2 kk + hh.
-      const uint8_t* raw = slot_rows(at.s, i);
+      const uint8_t* raw = slot_rows(at.s);
       const uint32_t* lo_row = reinterpret_cast<const uint32_t*>(raw + r0 * kChunkBytes) + tq * 8;
       const uint32_t* hi_row = reinterpret_cast<const uint32_t*>(raw + (r0 + 8) * kChunkBytes) + tq * 8;
       uint32_t a[4][4];
