@@ -32,8 +32,8 @@
 //   its row NaN, which the head sum carries (max.NaN keeps a NaN where relu's max would drop it;
 //   NaN * 0 is NaN, so padded heads and zero scales carry it too) into every layer's logit and
 //   the ensemble (max.NaN: fmaxf would drop it); no finite input reaches inf or NaN (the range
-//   bound below). Two producer warps that read every
-//   row of the ring for NaN bytes instead cost ~2 us at B 1, N 1M and 4 % at B 8 (session 12).
+//   bound below). Two producer warps that read every row of the ring for NaN bytes instead cost
+//   ~2 us at B 1, N 1M and 4 % at B 8 (session 12).
 // - No relayout of the keys: the K order of the matmul is a permutation of the key bytes,
 //   chosen so that thread tq of a quad holds the 32 contiguous bytes tq*32 .. tq*32+31 of its
 //   rows (words j = 2 kk + hh feed k-step kk, register half hh of the A fragment); the query
