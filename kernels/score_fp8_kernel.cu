@@ -74,7 +74,11 @@ constexpr int kConsumers = 4, kThreads = (1 + kConsumers) * 128;
 constexpr int kStages = 12;                                  // raw units in the ring
 constexpr int kSlotBytes = kGroupRows * kChunkBytes + 16;     // a unit's 16-byte-aligned window
 constexpr int kHeadWeightBytes = kHeadTile * 2;               // a (layer, head tile)'s f16 weights
-constexpr int kSumSlots = 2 * kConsumers;                     // units' head sums on their way to the finishers
+// Units' head sums on their way to the finishers. The producer frees a unit's sum slot (waits for
+// the finisher of the unit kSumSlots earlier) before it moves the unit's keys, so a consumer that
+// has the keys has the slot: at least a ring and a round of consumers, or it would stall the ring.
+constexpr int kSumSlots = 16;
+static_assert(kSumSlots >= kStages + kConsumers, "sum slots free ahead of the ring");
 constexpr int kFinishers = 3;                                 // producer warps that finish the units, in turn
 static_assert(kSlotBytes % 16 == 0, "bulk copies move multiples of 16 bytes to 16-byte-aligned slots");
 static_assert(kConsumers < kStages, "a consumer's next slot is at most one lap ahead");
@@ -291,6 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
     if (t == 0)
       while (i < count) {
         mbar_wait(&empty[at.s], at.lap ^ 1);  // the consumer of the slot's previous unit is done with it
+        mbar_wait(&sums_empty[i % kSumSlots], ((i / kSumSlots) & 1) ^ 1);  // and its sum slot's finisher
         issue();
       }
     if (t >= 32) {  // the finishers: warp 1 + f finishes units f, f + kFinishers, ..., rows lane and lane + 32
@@ -397,10 +402,9 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
             for (int half = 0; half < 2; ++half) part[s][half] += f16x2_sum(c[half][0]) + f16x2_sum(c[half][1]);
           }
         }
-        // The quad's head sums go to the finishers (the unit's sum slot, once it is free).
+        // The quad's head sums go to the finishers (the slot is free: see kSumSlots).
         float* slot = sums + (i % kSumSlots) * slot_floats;
         if (group == 0) {
-          mbar_wait(&sums_empty[i % kSumSlots], ((i / kSumSlots) & 1) ^ 1);
           if (tq == 0) {
             slot[kGroupRows * LC * 4 + r0] = fabsf(sc_lo);
             slot[kGroupRows * LC * 4 + r0 + 8] = fabsf(sc_hi);
