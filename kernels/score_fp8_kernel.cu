@@ -236,8 +236,10 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
   uint64_t* qfull = empty + kStages;
   uint64_t* sums_full = qfull + 1;
   uint64_t* sums_empty = sums_full + kSumSlots;
+  // Sum slot s (see sum_slot_floats): row r's 4 quad sums of layer l, and row r's |scale|.
   float* sums = reinterpret_cast<float*>(smem + L.sums);
-  const int slot_floats = sum_slot_floats(LC);
+  const auto quad_sums = [&](int s, int r, int l) { return sums + s * sum_slot_floats(LC) + (r * LC + l) * 4; };
+  const auto row_scale = [&](int s, int r) { return sums + s * sum_slot_floats(LC) + kGroupRows * LC * 4 + r; };
   const int64_t N = p.chunks, b = blockIdx.y;
   const int64_t t_begin = blockIdx.x * units_per_row / gridDim.x;
   const int count = static_cast<int>((blockIdx.x + 1) * units_per_row / gridDim.x - t_begin);
@@ -309,13 +311,12 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
         for (int half = 0; half < 2; ++half) {
           const int r = lane + 32 * half;
           if (r >= unit_rows(u)) continue;
-          const float* row = sums + s * slot_floats + r * LC * 4;
-          const float sc = sums[s * slot_floats + kGroupRows * LC * 4 + r];
+          const float sc = *row_scale(s, r);
           const int64_t at_n = b * N + unit_n0(u) + r;
           float ens = p.first_pass ? 0.0f : p.scores[at_n];
 #pragma unroll 4
           for (int l = 0; l < LC; ++l) {
-            const float4 q = *reinterpret_cast<const float4*>(row + l * 4);
+            const float4 q = *reinterpret_cast<const float4*>(quad_sums(s, r, l));
             const float logit = (q.x + q.y + q.z + q.w) * w_scale[l] * sc;
             if (p.layer_logits) p.layer_logits[(p.layer0 + l) * p.batch * N + at_n] = logit;
             const float sg = sigmoid_approx(logit);
@@ -403,19 +404,17 @@ __global__ void __launch_bounds__(kThreads, 1) score_fp8_kernel(const ScoreParam
           }
         }
         // The quad's head sums go to the finishers (the slot is free: see kSumSlots).
-        float* slot = sums + (i % kSumSlots) * slot_floats;
-        if (group == 0) {
-          if (tq == 0) {
-            slot[kGroupRows * LC * 4 + r0] = fabsf(sc_lo);
-            slot[kGroupRows * LC * 4 + r0 + 8] = fabsf(sc_hi);
-          }
+        const int slot = i % kSumSlots;
+        if (group == 0 && tq == 0) {
+          *row_scale(slot, r0) = fabsf(sc_lo);
+          *row_scale(slot, r0 + 8) = fabsf(sc_hi);
         }
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           const int l = group * 4 + s;
           if (l >= LC) break;
 #pragma unroll
-          for (int half = 0; half < 2; ++half) slot[((r0 + 8 * half) * LC + l) * 4 + tq] = part[s][half];
+          for (int half = 0; half < 2; ++half) quad_sums(slot, r0 + 8 * half, l)[tq] = part[s][half];
         }
       }
       wgmma_wait<0>();  // none in flight (the last item issues no scoring): for ptxas, which cannot tell
